@@ -1,0 +1,3 @@
+from k8s_ext_connector.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Shared core: configuration model, planner, and side-effect interfaces."""

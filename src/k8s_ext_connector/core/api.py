@@ -1,0 +1,127 @@
+"""The user-facing API: ``submariner.io/v1alpha1 ExternalService``, as the seed defined it.
+
+Only the spec is parsed here (status belongs to the operator). Parsing names the field
+and value of anything the seed's semantics cannot serve, e.g. a named ``targetPort``
+(an external server has no named ports) or UDP (not supported yet).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from k8s_ext_connector.core.errors import ConfigError
+from k8s_ext_connector.core.fields import Fields
+
+GROUP = "submariner.io"
+VERSION = "v1alpha1"
+KIND = "ExternalService"
+
+
+@dataclass(frozen=True, order=True)
+class ServiceRef:
+    """A Kubernetes Service by namespace and name."""
+
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class ExternalPort:
+    """``spec.ports[]``: clients use ``port``; the external server listens on ``target_port``."""
+
+    port: int
+    target_port: int
+    protocol: str = "TCP"
+    name: str = ""
+
+    @staticmethod
+    def read(data: object, path: str) -> ExternalPort:
+        f = Fields(data, path)
+        protocol = f.string("protocol", "TCP")
+        if protocol != "TCP":
+            raise ConfigError(f.path("protocol"), protocol, "only TCP is supported (UDP is planned)")
+        port = f.port("port")
+        raw_target = f.raw("targetPort", port)
+        if isinstance(raw_target, str):
+            raise ConfigError(
+                f.path("targetPort"), raw_target,
+                "must be a number: an external server has no named ports",
+            )
+        target_port = f.port("targetPort", port)  # seed semantics: defaults to port
+        port_spec = ExternalPort(port=port, target_port=target_port, protocol=protocol,
+                                 name=f.string("name", ""))
+        f.done()
+        return port_spec
+
+
+@dataclass(frozen=True)
+class Source:
+    """``spec.sources[]``: pods behind ``service`` leave with ``source_ip``."""
+
+    service: ServiceRef
+    source_ip: str
+
+    @staticmethod
+    def read(data: object, path: str) -> Source:
+        f = Fields(data, path)
+        svc = f.nested("service")
+        source = Source(
+            service=ServiceRef(namespace=svc.string("namespace"), name=svc.string("name")),
+            source_ip=f.ip("sourceIP"),
+        )
+        svc.done()
+        f.done()
+        return source
+
+
+@dataclass(frozen=True)
+class ExternalServiceSpec:
+    target_ip: str
+    sources: tuple[Source, ...]
+    ports: tuple[ExternalPort, ...]
+
+    @staticmethod
+    def from_dict(data: object, path: str = "spec") -> ExternalServiceSpec:
+        f = Fields(data, path)
+        spec = ExternalServiceSpec(
+            target_ip=f.ip("targetIP"),
+            sources=f.items("sources", Source.read),
+            ports=f.items("ports", ExternalPort.read),
+        )
+        f.done()
+        if not spec.sources:
+            raise ConfigError(f.path("sources"), [], "must list at least one source")
+        if not spec.ports:
+            raise ConfigError(f.path("ports"), [], "must list at least one port")
+        seen: set[int] = set()
+        for i, port in enumerate(spec.ports):
+            if port.port in seen:
+                raise ConfigError(f"{path}.ports[{i}].port", port.port, "is listed twice")
+            seen.add(port.port)
+        return spec
+
+
+@dataclass(frozen=True)
+class ExternalService:
+    """An ExternalService object reduced to what the planner needs."""
+
+    namespace: str
+    name: str
+    spec: ExternalServiceSpec
+
+    @property
+    def ref(self) -> ServiceRef:
+        return ServiceRef(self.namespace, self.name)
+
+    @staticmethod
+    def from_object(obj: object) -> ExternalService:
+        """Parse a whole object as ``kubectl get -o yaml`` shows it."""
+        f = Fields(obj)
+        meta = f.nested("metadata")
+        name = meta.string("name")
+        namespace = meta.string("namespace", "default")
+        spec = ExternalServiceSpec.from_dict(f.raw("spec"))
+        return ExternalService(namespace=namespace, name=name, spec=spec)

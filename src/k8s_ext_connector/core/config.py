@@ -1,0 +1,325 @@
+"""The configuration the operator produces and the agents consume.
+
+Two documents, both plain YAML/JSON with camelCase keys (like Kubernetes objects):
+
+- ``SidecarConfig``: the egress rules of one pod: which destinations to intercept, and for
+  each the gateway SSH endpoint (with its pinned host key) and the target to open.
+- ``GatewayConfig``: for each source IP a gateway holds, the authorised client public keys
+  and, per key, the exact ``targetIP:port`` pairs it may open.
+
+Parsing is strict (unknown fields, bad IPs and ports fail with the field path and value)
+and also checks what makes a config unusable as a whole (one destination intercepted by
+two rules, a rule intercepting its own gateway's SSH endpoint, a key listed twice).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import yaml
+
+from k8s_ext_connector.core.errors import ConfigError
+from k8s_ext_connector.core.fields import Fields
+
+CONFIG_VERSION = 1
+DEFAULT_SSH_PORT = 2022
+DEFAULT_LISTEN_PORT = 15001
+
+
+@dataclass(frozen=True, order=True)
+class Endpoint:
+    """An IP address and TCP port."""
+
+    address: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
+
+    @staticmethod
+    def read(data: object, path: str) -> Endpoint:
+        f = Fields(data, path)
+        endpoint = Endpoint(address=f.ip("address"), port=f.port("port"))
+        f.done()
+        return endpoint
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"address": self.address, "port": self.port}
+
+
+def canonical_public_key(text: object, path: str) -> str:
+    """``type base64`` of an OpenSSH public key line (comment dropped), or a ConfigError."""
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(path, text, "must be an OpenSSH public key line")
+    try:
+        key = asyncssh.import_public_key(text.strip())
+    except (asyncssh.KeyImportError, ValueError):
+        # Never echo key material back: name the field and the first characters only.
+        raise ConfigError(path, text.strip()[:24] + "...", "is not an OpenSSH public key") from None
+    algorithm, blob = key.export_public_key("openssh").decode().split()[:2]
+    return f"{algorithm} {blob}"
+
+
+@dataclass(frozen=True)
+class GatewayEndpoint:
+    """Where a sidecar opens its SSH session, and the host key it pins."""
+
+    address: str
+    host_key: str
+    port: int = DEFAULT_SSH_PORT
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint(self.address, self.port)
+
+    @staticmethod
+    def read(data: object, path: str) -> GatewayEndpoint:
+        f = Fields(data, path)
+        gateway = GatewayEndpoint(
+            address=f.ip("address"),
+            port=f.port("port", DEFAULT_SSH_PORT),
+            host_key=canonical_public_key(f.raw("hostKey"), f.path("hostKey")),
+        )
+        f.done()
+        return gateway
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"address": self.address, "port": self.port, "hostKey": self.host_key}
+
+
+@dataclass(frozen=True)
+class EgressRule:
+    """Connections to any ``intercept`` destination leave through ``gateway`` to ``target``."""
+
+    name: str
+    intercept: tuple[Endpoint, ...]
+    gateway: GatewayEndpoint
+    target: Endpoint
+
+    @staticmethod
+    def read(data: object, path: str) -> EgressRule:
+        f = Fields(data, path)
+        rule = EgressRule(
+            name=f.string("name"),
+            intercept=f.items("intercept", Endpoint.read),
+            gateway=GatewayEndpoint.read(f.raw("gateway"), f.path("gateway")),
+            target=Endpoint.read(f.raw("target"), f.path("target")),
+        )
+        if not rule.intercept:
+            raise ConfigError(f.path("intercept"), [], "must list at least one destination")
+        f.done()
+        return rule
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "intercept": [e.to_dict() for e in self.intercept],
+            "gateway": self.gateway.to_dict(),
+            "target": self.target.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    """Everything one pod's sidecar needs; no API credentials, no private keys."""
+
+    rules: tuple[EgressRule, ...]
+    listen_port: int = DEFAULT_LISTEN_PORT
+
+    def rule_for(self, destination: Endpoint) -> EgressRule | None:
+        """The rule that intercepts ``destination``, if any (validated to be unique)."""
+        for rule in self.rules:
+            if destination in rule.intercept:
+                return rule
+        return None
+
+    def gateways(self) -> tuple[GatewayEndpoint, ...]:
+        """Distinct gateway endpoints, in rule order (one SSH session each)."""
+        return tuple(dict.fromkeys(rule.gateway for rule in self.rules))
+
+    @staticmethod
+    def from_dict(data: object) -> SidecarConfig:
+        f = Fields(data)
+        version = f.integer("version", CONFIG_VERSION, lo=1, hi=CONFIG_VERSION)
+        del version
+        config = SidecarConfig(
+            listen_port=f.port("listenPort", DEFAULT_LISTEN_PORT),
+            rules=f.items("rules", EgressRule.read),
+        )
+        f.done()
+        config._check_consistency()
+        return config
+
+    def _check_consistency(self) -> None:
+        owner: dict[Endpoint, int] = {}
+        gateways = {rule.gateway.endpoint for rule in self.rules}
+        for i, rule in enumerate(self.rules):
+            for j, destination in enumerate(rule.intercept):
+                path = f"rules[{i}].intercept[{j}]"
+                if destination in owner and owner[destination] != i:
+                    raise ConfigError(
+                        path, str(destination), f"already intercepted by rules[{owner[destination]}]"
+                    )
+                if destination in gateways:
+                    raise ConfigError(
+                        path, str(destination), "is a gateway SSH endpoint; intercepting it would loop"
+                    )
+                owner[destination] = i
+        keys: dict[Endpoint, str] = {}
+        for i, rule in enumerate(self.rules):
+            endpoint = rule.gateway.endpoint
+            if keys.setdefault(endpoint, rule.gateway.host_key) != rule.gateway.host_key:
+                raise ConfigError(
+                    f"rules[{i}].gateway.hostKey", str(endpoint), "differs from an earlier rule's host key"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": CONFIG_VERSION,
+            "listenPort": self.listen_port,
+            "rules": [rule.to_dict() for rule in self.rules],
+        }
+
+
+@dataclass(frozen=True)
+class AuthorizedClient:
+    """A client public key and the exact targets it may open from one source IP."""
+
+    name: str
+    public_key: str
+    allow: tuple[Endpoint, ...]
+
+    @staticmethod
+    def read(data: object, path: str) -> AuthorizedClient:
+        f = Fields(data, path)
+        client = AuthorizedClient(
+            name=f.string("name"),
+            public_key=canonical_public_key(f.raw("publicKey"), f.path("publicKey")),
+            allow=tuple(sorted(set(f.items("allow", Endpoint.read)))),
+        )
+        f.done()
+        return client
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "publicKey": self.public_key,
+            "allow": [e.to_dict() for e in self.allow],
+        }
+
+
+@dataclass(frozen=True)
+class SourceIPConfig:
+    """One source IP a gateway holds: its SSH server's clients."""
+
+    source_ip: str
+    clients: tuple[AuthorizedClient, ...] = field(default=())
+
+    def client_for(self, public_key: str) -> AuthorizedClient | None:
+        for client in self.clients:
+            if client.public_key == public_key:
+                return client
+        return None
+
+    @staticmethod
+    def read(data: object, path: str) -> SourceIPConfig:
+        f = Fields(data, path)
+        source = SourceIPConfig(
+            source_ip=f.ip("sourceIP"), clients=f.items("clients", AuthorizedClient.read, [])
+        )
+        f.done()
+        seen: dict[str, int] = {}
+        for i, client in enumerate(source.clients):
+            if client.public_key in seen:
+                raise ConfigError(
+                    f"{path}.clients[{i}].publicKey", client.name,
+                    f"key already listed for clients[{seen[client.public_key]}]; merge their allow lists",
+                )
+            seen[client.public_key] = i
+        return source
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sourceIP": self.source_ip, "clients": [c.to_dict() for c in self.clients]}
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Every source IP one gateway serves."""
+
+    sources: tuple[SourceIPConfig, ...]
+    ssh_port: int = DEFAULT_SSH_PORT
+
+    def source(self, source_ip: str) -> SourceIPConfig | None:
+        for source in self.sources:
+            if source.source_ip == source_ip:
+                return source
+        return None
+
+    @staticmethod
+    def from_dict(data: object) -> GatewayConfig:
+        f = Fields(data)
+        f.integer("version", CONFIG_VERSION, lo=1, hi=CONFIG_VERSION)
+        config = GatewayConfig(
+            ssh_port=f.port("sshPort", DEFAULT_SSH_PORT),
+            sources=f.items("sources", SourceIPConfig.read),
+        )
+        f.done()
+        seen: dict[str, int] = {}
+        for i, source in enumerate(config.sources):
+            if source.source_ip in seen:
+                raise ConfigError(
+                    f"sources[{i}].sourceIP", source.source_ip, f"already listed as sources[{seen[source.source_ip]}]"
+                )
+            seen[source.source_ip] = i
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": CONFIG_VERSION,
+            "sshPort": self.ssh_port,
+            "sources": [s.to_dict() for s in self.sources],
+        }
+
+
+def parse_document(text: str, origin: str) -> object:
+    """YAML (a superset of JSON) to plain data; syntax errors name the file and line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "document"
+        raise ConfigError(origin, where, f"is not valid YAML/JSON ({getattr(error, 'problem', error)})") from None
+
+
+def load_sidecar_config(path: Path) -> SidecarConfig:
+    return SidecarConfig.from_dict(_read(path))
+
+
+def load_gateway_config(path: Path) -> GatewayConfig:
+    return GatewayConfig.from_dict(_read(path))
+
+
+def _read(path: Path) -> object:
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(str(path), error.strerror, "cannot be read") from None
+    return parse_document(text, str(path))
+
+
+def dump(config: SidecarConfig | GatewayConfig) -> str:
+    """Stable YAML text of a config (sorted lists stay in their given order)."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def dump_json(config: SidecarConfig | GatewayConfig) -> str:
+    return json.dumps(config.to_dict(), indent=2)
+
+
+def unique(items: Iterable[Endpoint]) -> tuple[Endpoint, ...]:
+    return tuple(dict.fromkeys(items))

@@ -1,0 +1,1 @@
+"""The per-pod forwarder: iptables redirect, transparent listener, shared SSH sessions."""
