@@ -1,0 +1,1 @@
+"""Key material: SSH identities now; the CA and webhook certificates come with the webhook."""

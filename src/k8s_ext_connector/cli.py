@@ -1,0 +1,62 @@
+"""``k8s-ext-connector``: one command, a subcommand per component.
+
+Invalid input of any subcommand ends with one line naming the field and value, exit 2,
+before any side effect (no iptables rule, address or listener is touched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from k8s_ext_connector import __version__
+from k8s_ext_connector.core.errors import ConfigError
+
+EXIT_INVALID = 2
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from k8s_ext_connector.certs.ssh import generate_key_pair, write_private_key
+
+    pair = generate_key_pair()
+    write_private_key(args.out, pair)
+    print(pair.public_openssh)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from k8s_ext_connector.gateway import main as gateway_main
+    from k8s_ext_connector.lab import main as lab_main
+    from k8s_ext_connector.sidecar import main as sidecar_main
+
+    parser = argparse.ArgumentParser(prog="k8s-ext-connector", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gateway = commands.add_parser("gateway", help="SSH gateway holding source IPs")
+    gateway_main.add_arguments(gateway)
+    gateway.set_defaults(handler=lambda a: gateway_main.run(gateway_main.settings_from(a)))
+
+    sidecar = commands.add_parser("sidecar", help="per-pod forwarder (needs NET_ADMIN)")
+    sidecar_main.add_arguments(sidecar)
+    sidecar.set_defaults(handler=lambda a: sidecar_main.run(sidecar_main.settings_from(a)))
+
+    keygen = commands.add_parser("keygen", help="write an Ed25519 SSH key pair (FILE, FILE.pub)")
+    keygen.add_argument("--out", required=True, type=Path)
+    keygen.set_defaults(handler=_keygen)
+
+    lab = commands.add_parser("lab", help="the seed's walkthrough on network namespaces (root)")
+    lab_main.add_arguments(lab)
+    lab.set_defaults(handler=lab_main.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except ConfigError as error:
+        print(f"k8s-ext-connector {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_INVALID

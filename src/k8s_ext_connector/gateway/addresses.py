@@ -1,0 +1,79 @@
+"""Source IPs on the gateway's interface, added and removed by the agent itself.
+
+Addresses we add carry the label ``<iface>:xc`` so that, after a crash, a restarted agent
+can tell its own leftovers from addresses someone else configured, and removes only those.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+LABEL_SUFFIX = ":xc"
+
+
+class AddressManager(Protocol):
+    def owned(self) -> set[str]: ...
+
+    def present(self) -> set[str]: ...
+
+    def add(self, address: str) -> None: ...
+
+    def remove(self, address: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class IprouteAddresses:
+    """``ip addr`` on one interface of the current network namespace."""
+
+    interface: str
+
+    @property
+    def label(self) -> str:
+        return (self.interface + LABEL_SUFFIX)[:15]
+
+    def _addresses(self) -> list[dict[str, object]]:
+        out = _ip(["-j", "addr", "show", "dev", self.interface])
+        infos: list[dict[str, object]] = []
+        for link in json.loads(out or "[]"):
+            infos.extend(link.get("addr_info", []))
+        return infos
+
+    def present(self) -> set[str]:
+        return {str(a["local"]) for a in self._addresses()}
+
+    def owned(self) -> set[str]:
+        return {str(a["local"]) for a in self._addresses() if a.get("label") == self.label}
+
+    def add(self, address: str) -> None:
+        if ipaddress.ip_address(address).version != 4:
+            raise ValueError(f"--manage-addresses: {address}: only IPv4 source IPs can be managed")
+        _ip(["addr", "add", f"{address}/32", "dev", self.interface, "label", self.label])
+
+    def remove(self, address: str) -> None:
+        _ip(["addr", "del", f"{address}/32", "dev", self.interface])
+
+
+def _ip(args: list[str]) -> str:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, check=False, timeout=10)
+    if result.returncode != 0:
+        raise OSError(f"ip {' '.join(args)}: {result.stderr.strip()}")
+    return result.stdout
+
+
+def reconcile_addresses(manager: AddressManager, desired: Iterable[str]) -> None:
+    """Add missing source IPs; remove ours that are no longer desired (leftovers included)."""
+    wanted = set(desired)
+    present = manager.present()
+    for address in sorted(wanted - present):
+        manager.add(address)
+        log.info("added source IP %s", address)
+    for address in sorted(manager.owned() - wanted):
+        manager.remove(address)
+        log.info("removed source IP %s", address)

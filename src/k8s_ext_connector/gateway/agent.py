@@ -1,0 +1,229 @@
+"""The gateway agent: an asyncssh server on every source IP it holds.
+
+Why asyncssh and not sshd: the outbound connection must leave from the IP the client
+reached (``local_addr=(source_ip, 0)``), which sshd cannot do. A ``direct-tcpip`` channel
+is accepted only when the authenticated key is authorised for that source IP *and* the
+requested ``address:port`` is in that key's allow-list under the config in force now;
+anything else is refused and logged with the key's fingerprint (never the key). There is
+no shell, no exec, no remote forwarding: the server is not an open proxy.
+
+Reload applies a new config as a diff: listeners for new source IPs start, removed ones
+stop; connections whose key lost its authorisation and channels whose target is no
+longer allowed are closed; everything still allowed keeps flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import asyncssh
+
+from k8s_ext_connector.core.bridge import Splice
+from k8s_ext_connector.core.config import Endpoint, GatewayConfig
+from k8s_ext_connector.core.fields import canonical_ip
+from k8s_ext_connector.core.ssh import WINDOW, tuned_options
+from k8s_ext_connector.gateway.addresses import AddressManager, reconcile_addresses
+
+log = logging.getLogger(__name__)
+LISTEN_RETRY_SECONDS = 2.0
+
+
+def _public_key_text(key: asyncssh.SSHKey) -> str:
+    algorithm, blob = key.export_public_key("openssh").decode().split()[:2]
+    return f"{algorithm} {blob}"
+
+
+@dataclass(eq=False)
+class _Session:
+    """One authenticated client connection on one source IP."""
+
+    source_ip: str
+    connection: asyncssh.SSHServerConnection
+    public_key: str = ""
+    fingerprint: str = ""
+    channels: dict[Splice, Endpoint] = field(default_factory=dict)
+
+
+class _SourceIPServer(asyncssh.SSHServer):
+    """asyncssh callbacks for one client connection on one source IP."""
+
+    def __init__(self, agent: GatewayAgent, source_ip: str) -> None:
+        self._agent = agent
+        self._source_ip = source_ip
+        self._session: _Session | None = None
+        self._candidate: tuple[str, str] = ("", "")
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._session = _Session(self._source_ip, conn)
+        self._agent._sessions.add(self._session)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._session is not None:
+            self._agent._sessions.discard(self._session)
+
+    def begin_auth(self, username: str) -> bool:
+        return True  # authentication is always required
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def kbdint_auth_supported(self) -> bool:
+        return False
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        text = _public_key_text(key)
+        fingerprint = key.get_fingerprint()
+        source = self._agent.config.source(self._source_ip)
+        if source is None or source.client_for(text) is None:
+            log.warning("refused key %s on %s: not authorised for this source IP",
+                        fingerprint, self._source_ip)
+            return False
+        # asyncssh asks again for the signed attempt right before auth_completed, so the
+        # last candidate validated is the key that authenticated.
+        self._candidate = (text, fingerprint)
+        return True
+
+    def auth_completed(self) -> None:
+        assert self._session is not None
+        self._session.public_key, self._session.fingerprint = self._candidate
+        client = self._agent.client_name(self._source_ip, self._session.public_key)
+        log.info("client %s (%s) connected to %s", client, self._session.fingerprint,
+                 self._source_ip)
+
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> object:
+        session = self._session
+        assert session is not None
+        try:
+            target = Endpoint(canonical_ip(dest_host), dest_port)
+        except ValueError:
+            target = None
+        if target is None or not self._agent.allowed(session, target):
+            log.warning("refused channel from %s on %s to %s:%s: not in its allow-list",
+                        session.fingerprint, self._source_ip, dest_host, dest_port)
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                            "target not allowed for this key")
+        return self._open(session, target)
+
+    async def _open(self, session: _Session, target: Endpoint) -> asyncssh.SSHTCPSession[bytes]:
+        splice = Splice(on_close=lambda s: session.channels.pop(s, None))
+        try:
+            await asyncio.get_running_loop().create_connection(
+                lambda: splice.tcp_side, target.address, target.port,
+                local_addr=(self._source_ip, 0),
+            )
+        except OSError as error:
+            log.info("target %s unreachable from %s: %s", target, self._source_ip, error.strerror)
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED,
+                                            f"{target}: {error.strerror}") from None
+        session.channels[splice] = target
+        return splice.channel_side
+
+
+class GatewayAgent:
+    """Serves a ``GatewayConfig``; ``apply`` moves it to a new one without a restart."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        host_key: asyncssh.SSHKey,
+        addresses: AddressManager | None = None,
+    ) -> None:
+        self.config = config
+        self._host_key = host_key
+        self._addresses = addresses
+        self._listeners: dict[str, asyncssh.SSHAcceptor] = {}
+        self._sessions: set[_Session] = set()
+        self._retry: asyncio.Task[None] | None = None
+
+    def client_name(self, source_ip: str, public_key: str) -> str:
+        source = self.config.source(source_ip)
+        client = source.client_for(public_key) if source else None
+        return client.name if client else "?"
+
+    def allowed(self, session: _Session, target: Endpoint) -> bool:
+        source = self.config.source(session.source_ip)
+        client = source.client_for(session.public_key) if source else None
+        return client is not None and target in client.allow
+
+    async def start(self) -> None:
+        await self.apply(self.config)
+        self._retry = asyncio.create_task(self._retry_listeners())
+
+    async def apply(self, config: GatewayConfig) -> None:
+        port_changed = config.ssh_port != self.config.ssh_port
+        self.config = config
+        wanted = {source.source_ip for source in config.sources}
+        if self._addresses is not None:
+            reconcile_addresses(self._addresses, wanted)
+        for source_ip in sorted(self._listeners):
+            if source_ip not in wanted or port_changed:
+                await self._stop_listener(source_ip)
+        await self._start_missing_listeners()
+        self._close_revoked()
+
+    async def _start_missing_listeners(self) -> None:
+        for source in self.config.sources:
+            if source.source_ip in self._listeners:
+                continue
+            source_ip = source.source_ip
+            try:
+                self._listeners[source_ip] = await asyncssh.listen(
+                    host=source_ip,
+                    port=self.config.ssh_port,
+                    server_host_keys=[self._host_key],
+                    server_factory=lambda ip=source_ip: _SourceIPServer(self, ip),  # type: ignore[misc]
+                    reuse_address=True,
+                    allow_scp=False,
+                    agent_forwarding=False,
+                    x11_forwarding=False,
+                    window=WINDOW,
+                    **tuned_options(),  # type: ignore[arg-type]
+                )
+                log.info("serving source IP %s on port %s", source_ip, self.config.ssh_port)
+            except OSError as error:
+                log.error("cannot listen on %s:%s (%s); retrying every %ss",
+                          source_ip, self.config.ssh_port, error.strerror, LISTEN_RETRY_SECONDS)
+
+    async def _retry_listeners(self) -> None:
+        while True:
+            await asyncio.sleep(LISTEN_RETRY_SECONDS)
+            if len(self._listeners) < len(self.config.sources):
+                await self._start_missing_listeners()
+
+    async def _stop_listener(self, source_ip: str) -> None:
+        listener = self._listeners.pop(source_ip)
+        listener.close()
+        await listener.wait_closed()
+        for session in [s for s in self._sessions if s.source_ip == source_ip]:
+            session.connection.close()
+        log.info("stopped serving source IP %s", source_ip)
+
+    def _close_revoked(self) -> None:
+        for session in list(self._sessions):
+            source = self.config.source(session.source_ip)
+            if not session.public_key:
+                continue  # still authenticating; validate_public_key sees the new config
+            if source is None or source.client_for(session.public_key) is None:
+                log.info("closing %s on %s: key no longer authorised", session.fingerprint,
+                         session.source_ip)
+                session.connection.close()
+                continue
+            for splice, target in list(session.channels.items()):
+                if not self.allowed(session, target):
+                    log.info("closing channel to %s: no longer allowed", target)
+                    splice.close()
+
+    async def stop(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+        for source_ip in sorted(self._listeners):
+            await self._stop_listener(source_ip)
+        if self._addresses is not None:
+            reconcile_addresses(self._addresses, ())

@@ -1,0 +1,79 @@
+"""``k8s-ext-connector gateway``: framework glue around GatewayAgent."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+
+from k8s_ext_connector.core.config import GatewayConfig, load_gateway_config
+from k8s_ext_connector.core.errors import ConfigError
+from k8s_ext_connector.core.reload import ConfigWatcher
+from k8s_ext_connector.core.run import run_agent, setup_logging, until_stopped
+from k8s_ext_connector.gateway.addresses import IprouteAddresses
+from k8s_ext_connector.gateway.agent import GatewayAgent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    config_path: Path
+    host_key_path: Path
+    manage_addresses: str | None
+    reload_interval: float
+    log_level: str
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, type=Path, help="gateway config (YAML/JSON)")
+    parser.add_argument("--host-key", required=True, type=Path,
+                        help="SSH host private key (OpenSSH format)")
+    parser.add_argument("--manage-addresses", metavar="IFACE",
+                        help="add the source IPs to IFACE at start, remove them at stop")
+    parser.add_argument("--reload-interval", type=float, default=1.0,
+                        help="seconds between config file checks (SIGHUP reloads at once)")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+
+
+def settings_from(args: argparse.Namespace) -> GatewaySettings:
+    return GatewaySettings(args.config, args.host_key, args.manage_addresses,
+                           args.reload_interval, args.log_level)
+
+
+def load_host_key(path: Path) -> asyncssh.SSHKey:
+    try:
+        return asyncssh.read_private_key(str(path))
+    except OSError as error:
+        raise ConfigError("--host-key", str(path), error.strerror or "cannot be read") from None
+    except (asyncssh.KeyImportError, ValueError):
+        raise ConfigError("--host-key", str(path), "is not an OpenSSH private key") from None
+
+
+def run(settings: GatewaySettings) -> int:
+    config = load_gateway_config(settings.config_path)  # errors before any side effect
+    host_key = load_host_key(settings.host_key_path)
+    setup_logging(settings.log_level)
+    return run_agent(lambda: _serve(settings, config, host_key))
+
+
+async def _serve(settings: GatewaySettings, config: GatewayConfig, host_key: asyncssh.SSHKey) -> None:
+    addresses = IprouteAddresses(settings.manage_addresses) if settings.manage_addresses else None
+    agent = GatewayAgent(config, host_key, addresses)
+    await agent.start()
+    watcher = ConfigWatcher(settings.config_path, load_gateway_config, agent.apply,
+                            settings.reload_interval)
+    watcher.install_sighup()
+    watching = asyncio.create_task(watcher.run())
+    log.info("gateway running with %d source IPs", len(config.sources))
+    try:
+        await until_stopped()
+    finally:
+        watching.cancel()
+        await agent.stop()
+        log.info("gateway stopped")

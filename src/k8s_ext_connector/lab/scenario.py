@@ -1,0 +1,63 @@
+"""The seed's example ExternalService, moved to TEST-NET addresses, planned for the lab.
+
+The configs come from the real planner, exactly as the operator will produce them; only
+the cluster facts (ClusterIPs, which Services exist) are stated here instead of observed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from k8s_ext_connector.certs.ssh import KeyPair, generate_key_pair
+from k8s_ext_connector.core.api import ExternalService, ExternalServiceSpec, ServiceRef
+from k8s_ext_connector.core.planner import (
+    ClusterFacts,
+    KeyMaterial,
+    Plan,
+    SourceServiceFacts,
+    plan,
+)
+from k8s_ext_connector.lab.topology import EXTERNAL_SERVER_IP, SERVICE_IP, SOURCE_IPS
+
+SERVICE1 = ServiceRef("ns1", "my-service1")
+SERVICE2 = ServiceRef("ns2", "my-service2")
+EXTERNAL_SERVICE = ServiceRef("external-services", "my-externalservice")
+
+
+def seed_spec(ports: tuple[tuple[int, int], ...] = ((8000, 8000),)) -> ExternalServiceSpec:
+    return ExternalServiceSpec.from_dict({
+        "targetIP": EXTERNAL_SERVER_IP,
+        "sources": [
+            {"service": {"namespace": SERVICE1.namespace, "name": SERVICE1.name},
+             "sourceIP": SOURCE_IPS[0]},
+            {"service": {"namespace": SERVICE2.namespace, "name": SERVICE2.name},
+             "sourceIP": SOURCE_IPS[1]},
+        ],
+        "ports": [{"protocol": "TCP", "port": p, "targetPort": t} for p, t in ports],
+    })
+
+
+@dataclass(frozen=True)
+class ScenarioKeys:
+    clients: dict[ServiceRef, KeyPair]
+
+    @staticmethod
+    def generate() -> ScenarioKeys:
+        return ScenarioKeys({SERVICE1: generate_key_pair(), SERVICE2: generate_key_pair()})
+
+
+def plan_seed(keys: ScenarioKeys, host_key: KeyPair,
+              ports: tuple[tuple[int, int], ...] = ((8000, 8000),)) -> Plan:
+    es = ExternalService(EXTERNAL_SERVICE.namespace, EXTERNAL_SERVICE.name, seed_spec(ports))
+    facts = ClusterFacts(
+        connector_ips={EXTERNAL_SERVICE: SERVICE_IP},
+        source_services={SERVICE1: SourceServiceFacts(None), SERVICE2: SourceServiceFacts(None)},
+    )
+    material = KeyMaterial(
+        client_keys={ref: pair.public_openssh for ref, pair in keys.clients.items()},
+        gateway_host_keys={ip: host_key.public_openssh for ip in SOURCE_IPS},
+    )
+    result = plan([es], facts, material)
+    if result.problems:
+        raise ValueError(f"seed scenario does not plan: {dict(result.problems)}")
+    return result

@@ -1,0 +1,99 @@
+"""``k8s-ext-connector sidecar``: framework glue around SidecarAgent."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+
+from k8s_ext_connector.core import iptables
+from k8s_ext_connector.core.config import SidecarConfig, load_sidecar_config
+from k8s_ext_connector.core.errors import ConfigError
+from k8s_ext_connector.core.health import serve_health
+from k8s_ext_connector.core.reload import ConfigWatcher
+from k8s_ext_connector.core.run import run_agent, setup_logging, until_stopped
+from k8s_ext_connector.sidecar.agent import SidecarAgent, check_supported
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SidecarSettings:
+    config_path: Path
+    ssh_key_path: Path
+    iptables_backend: str  # auto | nft | legacy
+    health_host: str
+    health_port: int
+    reload_interval: float
+    log_level: str
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, type=Path, help="sidecar config (YAML/JSON)")
+    parser.add_argument("--ssh-key", required=True, type=Path,
+                        help="this pod's SSH client private key (OpenSSH format)")
+    parser.add_argument("--iptables-backend", default="auto", choices=["auto", "nft", "legacy"],
+                        help="auto: the backend already holding more rules, nft on a tie")
+    parser.add_argument("--health-host", default="0.0.0.0",
+                        help="address of the /healthz and /ready endpoint (kubelet probes)")
+    parser.add_argument("--health-port", type=int, default=15021, help="0 disables it")
+    parser.add_argument("--reload-interval", type=float, default=1.0,
+                        help="seconds between config file checks (SIGHUP reloads at once)")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+
+
+def settings_from(args: argparse.Namespace) -> SidecarSettings:
+    return SidecarSettings(args.config, args.ssh_key, args.iptables_backend, args.health_host,
+                           args.health_port, args.reload_interval, args.log_level)
+
+
+def load_client_key(path: Path) -> asyncssh.SSHKey:
+    try:
+        return asyncssh.read_private_key(str(path))
+    except OSError as error:
+        raise ConfigError("--ssh-key", str(path), error.strerror or "cannot be read") from None
+    except (asyncssh.KeyImportError, ValueError):
+        raise ConfigError("--ssh-key", str(path), "is not an OpenSSH private key") from None
+
+
+def run(settings: SidecarSettings) -> int:
+    config = load_sidecar_config(settings.config_path)  # errors before any side effect
+    check_supported(config)
+    client_key = load_client_key(settings.ssh_key_path)
+    setup_logging(settings.log_level)
+    backend: iptables.Backend = (
+        iptables.detect_backend() if settings.iptables_backend == "auto"
+        else settings.iptables_backend  # type: ignore[assignment]
+    )
+    log.info("iptables backend: %s", backend)
+    firewall = iptables.SubprocessIptables(backend)
+    return run_agent(lambda: _serve(settings, config, client_key, firewall))
+
+
+async def _serve(settings: SidecarSettings, config: SidecarConfig, client_key: asyncssh.SSHKey,
+                 firewall: iptables.Iptables) -> None:
+    agent = SidecarAgent(config, client_key, firewall)
+    health = None
+    try:
+        await agent.start()
+        if settings.health_port:
+            health = await serve_health(settings.health_host, settings.health_port,
+                                        agent.readiness)
+        watcher = ConfigWatcher(settings.config_path, load_sidecar_config, agent.apply,
+                                settings.reload_interval)
+        watcher.install_sighup()
+        watching = asyncio.create_task(watcher.run())
+        try:
+            await until_stopped()
+        finally:
+            watching.cancel()
+    finally:
+        if health is not None:
+            health.close()
+        await agent.stop()
+        log.info("sidecar stopped, rules removed")
