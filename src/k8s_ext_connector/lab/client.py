@@ -16,8 +16,7 @@ async def http_get(host: str, port: int, path: str = "/", timeout: float = 10) -
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
     except (OSError, TimeoutError) as error:
-        return Outcome(False, type(error).__name__ + (f": {error.strerror}" if
-                                                      isinstance(error, OSError) else ""))
+        return Outcome(False, type(error).__name__)
     try:
         writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
         response = await asyncio.wait_for(reader.read(), timeout)

@@ -287,7 +287,9 @@ class Lab:
         return netns.call_in_netns(self.pods[pod_name].netns, function, timeout)
 
     def iptables_save(self, ns: str, table: str = "nat") -> str:
-        return netns.sh(["ip", "netns", "exec", ns, "iptables-nft-save", "-t", table]).stdout
+        """The table as iptables-save prints it, without its timestamped comment lines."""
+        out = netns.sh(["ip", "netns", "exec", ns, "iptables-nft-save", "-t", table]).stdout
+        return "".join(line + "\n" for line in out.splitlines() if not line.startswith("#"))
 
     # ---- teardown -----------------------------------------------------------------------
     def close(self) -> None:
