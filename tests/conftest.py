@@ -11,8 +11,10 @@ import os
 
 import pytest
 
-ROOT_REASON = ("NOT RUN: needs root to create network namespaces, veth pairs and iptables "
-               "rules; run `sudo make test` (CI runs these as root)")
+ROOT_REASON = (
+    "NOT RUN: needs root to create network namespaces, veth pairs and iptables "
+    "rules; run `sudo make test` (CI runs these as root)"
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -21,26 +21,33 @@ from tests.netns.conftest import SeedLab
 pytestmark = pytest.mark.root
 
 
-async def _open_channel(private_key: bytes, host_key: str, source_ip: str, target: str,
-                        port: int) -> str:
+async def _open_channel(
+    private_key: bytes, host_key: str, source_ip: str, target: str, port: int
+) -> str:
     """A raw asyncssh client: authenticate, open direct-tcpip, GET / through it."""
     async with asyncssh.connect(
-        source_ip, 2022, username="probe", client_keys=[asyncssh.import_private_key(private_key)],
-        known_hosts=([asyncssh.import_public_key(host_key)], [], []), agent_path=None,
+        source_ip,
+        2022,
+        username="probe",
+        client_keys=[asyncssh.import_private_key(private_key)],
+        known_hosts=([asyncssh.import_public_key(host_key)], [], []),
+        agent_path=None,
         config=None,
     ) as conn:
         reader, writer = await conn.open_connection(target, port)
         writer.write(b"GET / HTTP/1.0\r\n\r\n")
         writer.write_eof()
-        response = await reader.read()
+        response: bytes = await reader.read()
         return response.decode().split("\r\n\r\n", 1)[1].strip()
 
 
 def _probe(seed: SeedLab, private_key: bytes, source_ip: str, target: str, port: int) -> str:
     host_key = seed.lab.host_key.public_openssh
     try:
-        result = seed.lab.in_pod("other-pod", lambda: asyncio.run(
-            _open_channel(private_key, host_key, source_ip, target, port)))
+        result = seed.lab.in_pod(
+            "other-pod",
+            lambda: asyncio.run(_open_channel(private_key, host_key, source_ip, target, port)),
+        )
     except asyncssh.PermissionDenied:
         return "auth refused"
     except asyncssh.ChannelOpenError as error:
@@ -61,18 +68,26 @@ def test_unknown_key_is_refused(seed_lab: SeedLab) -> None:
 
 def test_key_of_another_source_ip_is_refused(seed_lab: SeedLab) -> None:
     key_of_service2 = seed_lab.keys.clients[SERVICE2].private_openssh
-    assert _probe(seed_lab, key_of_service2, SOURCE_IPS[0], EXTERNAL_SERVER_IP,
-                  8000) == "auth refused"
+    assert (
+        _probe(seed_lab, key_of_service2, SOURCE_IPS[0], EXTERNAL_SERVER_IP, 8000) == "auth refused"
+    )
 
 
-@pytest.mark.parametrize(("target", "port"), [(EXTERNAL_SERVER_IP, 8001),  # port not allowed
-                                              ("203.0.113.1", 8000),  # another host
-                                              ("localhost", 8000)])  # names never allowed
-def test_target_outside_the_allow_list_is_refused(seed_lab: SeedLab, target: str,
-                                                  port: int) -> None:
+@pytest.mark.parametrize(
+    ("target", "port"),
+    [
+        (EXTERNAL_SERVER_IP, 8001),  # port not allowed
+        ("203.0.113.1", 8000),  # another host
+        ("localhost", 8000),
+    ],
+)  # names never allowed
+def test_target_outside_the_allow_list_is_refused(
+    seed_lab: SeedLab, target: str, port: int
+) -> None:
     key = seed_lab.keys.clients[SERVICE1].private_openssh
     assert _probe(seed_lab, key, SOURCE_IPS[0], target, port) == (
-        "channel refused: target not allowed for this key")
+        "channel refused: target not allowed for this key"
+    )
     # ...and the gateway keeps serving everyone else.
     assert run_in(seed_lab.lab, "my-pod2") == [SOURCE_IPS[1]]
     log = seed_lab.lab.gateway.output() if seed_lab.lab.gateway else ""
@@ -122,7 +137,8 @@ def test_gateway_restart_fails_fast_then_recovers_without_leaks(seed_lab: SeedLa
     assert lab.iptables_save(lab.gw_ns).count("-A ") == 0
     listeners = sh(["ip", "netns", "exec", lab.gw_ns, "ss", "-Hltn"]).stdout
     assert sorted(line.split()[3] for line in listeners.splitlines()) == sorted(
-        f"{ip}:2022" for ip in SOURCE_IPS)
+        f"{ip}:2022" for ip in SOURCE_IPS
+    )
     addresses = sh(["ip", "-n", lab.gw_ns, "-o", "addr", "show", "dev", "ext0"]).stdout
     for ip in SOURCE_IPS:
         assert addresses.count(f" {ip}/32 ") == 1
@@ -153,31 +169,38 @@ def test_reload_adds_a_second_target_without_breaking_a_transfer_in_flight(
         result["length"] = len(body)
         result["digest"] = hashlib.sha256(body).hexdigest()
 
-    transfer = threading.Thread(target=lambda: lab.in_pod("my-pod1",
-                                                          lambda: asyncio.run(download())))
+    transfer = threading.Thread(
+        target=lambda: lab.in_pod("my-pod1", lambda: asyncio.run(download()))
+    )
     transfer.start()
     # The transfer lasts ~2.5 s (128 chunks x 20 ms); reload once it is under way.
-    Lab.wait_until(lambda: any(r["path"] == "/bytes" for r in lab.server_log()), 5,
-                   lambda: "the transfer did not start")
+    Lab.wait_until(
+        lambda: any(r["path"] == "/bytes" for r in lab.server_log()),
+        5,
+        lambda: "the transfer did not start",
+    )
     assert run_in(lab, "my-pod1", 8001)[0].startswith("error: ")  # not allowed yet
 
     planned = seed_lab.replan(((8000, 8000), (8001, 8001)))
     lab.write_gateway_config(planned.gateway)
     lab.write_sidecar_config("my-pod1", planned.sidecars[SERVICE1])
-    Lab.wait_until(lambda: run_in(lab, "my-pod1", 8001) == [SOURCE_IPS[0]], 10,
-                   lambda: "second target not reachable after reload")
+    Lab.wait_until(
+        lambda: run_in(lab, "my-pod1", 8001) == [SOURCE_IPS[0]],
+        10,
+        lambda: "second target not reachable after reload",
+    )
     assert transfer.is_alive(), "the transfer should still be in flight during the reload"
     transfer.join(30)
-    assert result == {"length": size,
-                      "digest": hashlib.sha256(b"x" * size).hexdigest()}
+    assert result == {"length": size, "digest": hashlib.sha256(b"x" * size).hexdigest()}
     assert run_in(lab, "my-pod1", 8000) == [SOURCE_IPS[0]]
 
 
 def test_invalid_config_on_reload_keeps_the_running_one(seed_lab: SeedLab) -> None:
     lab = seed_lab.lab
     (lab.workdir / "gateway.yaml").write_text("sources: [{sourceIP: 999.1.1.1}]\n")
-    Lab.wait_until(lambda: "not applied" in (lab.gateway.output() if lab.gateway else ""), 5,
-                   lambda: "gateway did not report the bad config")
+    Lab.wait_until(
+        lambda: "not applied" in (lab.gateway.output() if lab.gateway else ""),
+        5,
+        lambda: "gateway did not report the bad config",
+    )
     assert run_in(lab, "my-pod1") == [SOURCE_IPS[0]]
-
-

@@ -23,8 +23,11 @@ def first(lab: Lab, pod: str, host: str = SERVICE_IP) -> str:
 
 
 def egress_rules(lab: Lab, pod: str) -> list[str]:
-    return [line for line in lab.iptables_save(lab.pods[pod].netns).splitlines()
-            if line.startswith("-A")]
+    return [
+        line
+        for line in lab.iptables_save(lab.pods[pod].netns).splitlines()
+        if line.startswith("-A")
+    ]
 
 
 VALID = """\
@@ -38,17 +41,20 @@ rules:
 BAD_CONFIGS = {
     "not-yaml": ("rules: [", "line"),
     "unknown-field": (VALID + "colour: blue\n", "colour"),
-    "invalid-ip": (VALID.replace("198.51.100.130", "198.51.100.300"),
-                   "rules[0].intercept[0].address: '198.51.100.300'"),
-    "invalid-port": (VALID.replace("port: 8000}]", "port: 70000}]"),
-                     "rules[0].intercept[0].port: 70000"),
+    "invalid-ip": (
+        VALID.replace("198.51.100.130", "198.51.100.300"),
+        "rules[0].intercept[0].address: '198.51.100.300'",
+    ),
+    "invalid-port": (
+        VALID.replace("port: 8000}]", "port: 70000}]"),
+        "rules[0].intercept[0].port: 70000",
+    ),
     "bad-host-key": (None, "rules[0].gateway.hostKey"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
-def test_bad_input_exits_2_with_one_line_and_touches_no_rules(seed_lab: SeedLab,
-                                                              case: str) -> None:
+def test_bad_input_exits_2_with_one_line_and_touches_no_rules(seed_lab: SeedLab, case: str) -> None:
     lab = seed_lab.lab
     pod = lab.pods["other-pod"]
     text, expected = BAD_CONFIGS[case]
@@ -60,9 +66,25 @@ def test_bad_input_exits_2_with_one_line_and_touches_no_rules(seed_lab: SeedLab,
     config.write_text(text)
     before = lab.iptables_save(pod.netns)
     result = subprocess.run(
-        ["ip", "netns", "exec", pod.netns, sys.executable, "-m", "k8s_ext_connector", "sidecar",
-         "--config", str(config), "--ssh-key", str(lab.pods["my-pod1"].key_path)],
-        capture_output=True, text=True, timeout=30, check=False)
+        [
+            "ip",
+            "netns",
+            "exec",
+            pod.netns,
+            sys.executable,
+            "-m",
+            "k8s_ext_connector",
+            "sidecar",
+            "--config",
+            str(config),
+            "--ssh-key",
+            str(lab.pods["my-pod1"].key_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -76,12 +98,29 @@ def test_missing_key_file_exits_2(seed_lab: SeedLab) -> None:
     config = lab.workdir / "ok.yaml"
     config.write_text(VALID % lab.host_key.public_openssh)
     result = subprocess.run(
-        ["ip", "netns", "exec", pod.netns, sys.executable, "-m", "k8s_ext_connector", "sidecar",
-         "--config", str(config), "--ssh-key", "/nonexistent/key"],
-        capture_output=True, text=True, timeout=30, check=False)
+        [
+            "ip",
+            "netns",
+            "exec",
+            pod.netns,
+            sys.executable,
+            "-m",
+            "k8s_ext_connector",
+            "sidecar",
+            "--config",
+            str(config),
+            "--ssh-key",
+            "/nonexistent/key",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "k8s-ext-connector sidecar: error: --ssh-key: '/nonexistent/key': No such file or directory")
+        "k8s-ext-connector sidecar: error: --ssh-key: '/nonexistent/key': No such file or directory"
+    )
     assert egress_rules(lab, "other-pod") == []
 
 
@@ -114,9 +153,10 @@ def test_readiness_follows_the_gateway_session(seed_lab: SeedLab) -> None:
     assert lab.sidecar_ready("my-pod1") == (200, "ready")
     assert lab.gateway is not None
     lab.gateway.stop(signal.SIGKILL)
-    Lab.wait_until(lambda: lab.sidecar_ready("my-pod1")[0] == 503, 5,
-                   lambda: "readiness did not drop")
-    status, reason = lab.sidecar_ready("my-pod1")
+    Lab.wait_until(
+        lambda: lab.sidecar_ready("my-pod1")[0] == 503, 5, lambda: "readiness did not drop"
+    )
+    _, reason = lab.sidecar_ready("my-pod1")
     assert "203.0.113.200:2022" in reason
     lab.start_gateway()
     lab.wait_sidecar_ready("my-pod1", timeout=5)

@@ -25,8 +25,9 @@ class KeyPair:
 def generate_key_pair() -> KeyPair:
     key = asyncssh.generate_private_key("ssh-ed25519")
     public = key.export_public_key("openssh").decode().split()
-    return KeyPair(private_openssh=key.export_private_key("openssh"),
-                   public_openssh=f"{public[0]} {public[1]}")
+    return KeyPair(
+        private_openssh=key.export_private_key("openssh"), public_openssh=f"{public[0]} {public[1]}"
+    )
 
 
 def write_private_key(path: Path, pair: KeyPair) -> None:

@@ -42,17 +42,21 @@ class ExternalPort:
         f = Fields(data, path)
         protocol = f.string("protocol", "TCP")
         if protocol != "TCP":
-            raise ConfigError(f.path("protocol"), protocol, "only TCP is supported (UDP is planned)")
+            raise ConfigError(
+                f.path("protocol"), protocol, "only TCP is supported (UDP is planned)"
+            )
         port = f.port("port")
         raw_target = f.raw("targetPort", port)
         if isinstance(raw_target, str):
             raise ConfigError(
-                f.path("targetPort"), raw_target,
+                f.path("targetPort"),
+                raw_target,
                 "must be a number: an external server has no named ports",
             )
         target_port = f.port("targetPort", port)  # seed semantics: defaults to port
-        port_spec = ExternalPort(port=port, target_port=target_port, protocol=protocol,
-                                 name=f.string("name", ""))
+        port_spec = ExternalPort(
+            port=port, target_port=target_port, protocol=protocol, name=f.string("name", "")
+        )
         f.done()
         return port_spec
 

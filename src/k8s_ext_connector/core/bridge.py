@@ -11,6 +11,7 @@ no byte is read before there is somewhere to put it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 from collections.abc import Callable
@@ -23,10 +24,8 @@ def reset(transport: asyncio.BaseTransport) -> None:
     """Close with a TCP RST, so a client fails fast instead of reading an orderly EOF."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
     transport.abort()  # type: ignore[attr-defined]
 
 
@@ -89,6 +88,7 @@ class _TcpSide(asyncio.Protocol):
             self._s._early.append(data)
             self._s.tcp.pause_reading()  # type: ignore[union-attr]
             return
+        assert self._s.channel is not None  # started implies attached
         self._s.channel.write(data)
 
     def eof_received(self) -> bool:
@@ -114,7 +114,7 @@ class _ChannelSide(asyncssh.SSHTCPSession[bytes]):
     def __init__(self, splice: Splice) -> None:
         self._s = splice
 
-    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:  # type: ignore[override]
+    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         self._s.channel = chan
         if self._s._closed:  # the TCP side went away while the channel was opening
             chan.close()

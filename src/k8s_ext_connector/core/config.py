@@ -39,7 +39,11 @@ class Endpoint:
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
+        return (
+            f"[{self.address}]:{self.port}"
+            if ":" in self.address
+            else f"{self.address}:{self.port}"
+        )
 
     @staticmethod
     def read(data: object, path: str) -> Endpoint:
@@ -163,11 +167,15 @@ class SidecarConfig:
                 path = f"rules[{i}].intercept[{j}]"
                 if destination in owner and owner[destination] != i:
                     raise ConfigError(
-                        path, str(destination), f"already intercepted by rules[{owner[destination]}]"
+                        path,
+                        str(destination),
+                        f"already intercepted by rules[{owner[destination]}]",
                     )
                 if destination in gateways:
                     raise ConfigError(
-                        path, str(destination), "is a gateway SSH endpoint; intercepting it would loop"
+                        path,
+                        str(destination),
+                        "is a gateway SSH endpoint; intercepting it would loop",
                     )
                 owner[destination] = i
         keys: dict[Endpoint, str] = {}
@@ -175,7 +183,9 @@ class SidecarConfig:
             endpoint = rule.gateway.endpoint
             if keys.setdefault(endpoint, rule.gateway.host_key) != rule.gateway.host_key:
                 raise ConfigError(
-                    f"rules[{i}].gateway.hostKey", str(endpoint), "differs from an earlier rule's host key"
+                    f"rules[{i}].gateway.hostKey",
+                    str(endpoint),
+                    "differs from an earlier rule's host key",
                 )
 
     def to_dict(self) -> dict[str, Any]:
@@ -237,8 +247,10 @@ class SourceIPConfig:
         for i, client in enumerate(source.clients):
             if client.public_key in seen:
                 raise ConfigError(
-                    f"{path}.clients[{i}].publicKey", client.name,
-                    f"key already listed for clients[{seen[client.public_key]}]; merge their allow lists",
+                    f"{path}.clients[{i}].publicKey",
+                    client.name,
+                    f"key already listed for clients[{seen[client.public_key]}];"
+                    " merge their allow lists",
                 )
             seen[client.public_key] = i
         return source
@@ -273,7 +285,9 @@ class GatewayConfig:
         for i, source in enumerate(config.sources):
             if source.source_ip in seen:
                 raise ConfigError(
-                    f"sources[{i}].sourceIP", source.source_ip, f"already listed as sources[{seen[source.source_ip]}]"
+                    f"sources[{i}].sourceIP",
+                    source.source_ip,
+                    f"already listed as sources[{seen[source.source_ip]}]",
                 )
             seen[source.source_ip] = i
         return config
@@ -293,7 +307,9 @@ def parse_document(text: str, origin: str) -> object:
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "document"
-        raise ConfigError(origin, where, f"is not valid YAML/JSON ({getattr(error, 'problem', error)})") from None
+        raise ConfigError(
+            origin, where, f"is not valid YAML/JSON ({getattr(error, 'problem', error)})"
+        ) from None
 
 
 def load_sidecar_config(path: Path) -> SidecarConfig:

@@ -72,7 +72,8 @@ def restore_text(desired: ChainSet, observed: ObservedTable) -> str | None:
     """The iptables-restore --noflush transaction that turns ``observed`` into ``desired``."""
     lines: list[str] = []
     stale_chains = sorted(
-        chain for chain in observed.chains
+        chain
+        for chain in observed.chains
         if chain.startswith(desired.owned_prefix) and chain not in desired.chains
     )
     # Jumps into our chains: keep exactly one of each desired jump, drop everything else.
@@ -96,8 +97,8 @@ def restore_text(desired: ChainSet, observed: ObservedTable) -> str | None:
     if chains_differ or stale_chains:
         for chain in sorted(set(desired.chains) | set(stale_chains)):
             lines.insert(0, f":{chain} - [0:0]")  # declare and flush
-        for chain, specs in desired.chains.items():
-            lines.extend(f"-A {chain} {spec}" for spec in specs)
+        for chain, chain_specs in desired.chains.items():
+            lines.extend(f"-A {chain} {spec}" for spec in chain_specs)
         lines.extend(f"-X {chain}" for chain in stale_chains)
     for jump in desired.jumps:
         if jump.spec not in observed.chains.get(jump.chain, []):
@@ -155,8 +156,9 @@ class SubprocessIptables:
 
 def _run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     try:
-        result = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False,
-                                timeout=30)
+        result = subprocess.run(
+            argv, input=stdin, capture_output=True, text=True, check=False, timeout=30
+        )
     except FileNotFoundError:
         raise IptablesError(f"{argv[0]} is not installed (apt install iptables)") from None
     if result.returncode != 0:

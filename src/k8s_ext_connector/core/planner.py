@@ -107,8 +107,12 @@ def plan(
                 target = Endpoint(es.spec.target_ip, port.target_port)
                 caught = _intercepted(connector_ip, port.port, target, options)
                 rules[source.service].append(
-                    EgressRule(name=f"{es.ref}:{port.port}", intercept=caught, gateway=gateway,
-                               target=target)
+                    EgressRule(
+                        name=f"{es.ref}:{port.port}",
+                        intercept=caught,
+                        gateway=gateway,
+                        target=target,
+                    )
                 )
                 allow[source.source_ip][source.service].add(target)
                 claims[(source.source_ip, target)] = (source.service, es.ref)
@@ -119,21 +123,24 @@ def plan(
         service: SidecarConfig(rules=tuple(service_rules), listen_port=options.listen_port)
         for service, service_rules in sorted(rules.items())
     }
-    gateway = GatewayConfig(
+    gateway_config = GatewayConfig(
         ssh_port=options.ssh_port,
         sources=tuple(
             SourceIPConfig(
                 source_ip=source_ip,
                 clients=tuple(
-                    AuthorizedClient(name=str(service), public_key=keys.client_keys[service],
-                                     allow=tuple(sorted(targets)))
+                    AuthorizedClient(
+                        name=str(service),
+                        public_key=keys.client_keys[service],
+                        allow=tuple(sorted(targets)),
+                    )
                     for service, targets in sorted(by_service.items())
                 ),
             )
             for source_ip, by_service in sorted(allow.items())
         ),
     )
-    return Plan(sidecars=sidecars, gateway=gateway, problems=problems)
+    return Plan(sidecars=sidecars, gateway=gateway_config, problems=problems)
 
 
 def _intercepted(
@@ -172,7 +179,11 @@ def _problems(
             claim = (source.source_ip, target)
             other = own_claims.get(claim) or (claims[claim][0] if claim in claims else None)
             if other is not None and other != source.service:
-                owner = f"ExternalService {claims[claim][1]}" if claim in claims else "this ExternalService"
+                owner = (
+                    f"ExternalService {claims[claim][1]}"
+                    if claim in claims
+                    else "this ExternalService"
+                )
                 found.append(
                     f"{where}.sourceIP: {source.source_ip} already carries {other} to {target} "
                     f"(in {owner}); the server could not tell the two apart on the way back"

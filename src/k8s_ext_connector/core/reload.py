@@ -8,6 +8,7 @@ stays in force, so a bad edit never takes a working agent down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import signal
@@ -47,10 +48,8 @@ class ConfigWatcher(Generic[T]):
 
     async def run(self) -> None:
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)
-            except TimeoutError:
-                pass
             self._wake.clear()
             await self.check()
 

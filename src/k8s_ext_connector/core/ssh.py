@@ -9,8 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
-FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
-                "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr")
+FAST_CIPHERS = (
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes128-ctr",
+    "aes256-ctr",
+)
 WINDOW = 8 * 1024 * 1024
 KEEPALIVE_INTERVAL = 5.0  # seconds between keepalives on an idle session
 KEEPALIVE_COUNT_MAX = 3  # unanswered keepalives before the session is declared dead

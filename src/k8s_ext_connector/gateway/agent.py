@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 import asyncssh
@@ -80,8 +81,11 @@ class _SourceIPServer(asyncssh.SSHServer):
         fingerprint = key.get_fingerprint()
         source = self._agent.config.source(self._source_ip)
         if source is None or source.client_for(text) is None:
-            log.warning("refused key %s on %s: not authorised for this source IP",
-                        fingerprint, self._source_ip)
+            log.warning(
+                "refused key %s on %s: not authorised for this source IP",
+                fingerprint,
+                self._source_ip,
+            )
             return False
         # asyncssh asks again for the signed attempt right before auth_completed, so the
         # last candidate validated is the key that authenticated.
@@ -92,12 +96,13 @@ class _SourceIPServer(asyncssh.SSHServer):
         assert self._session is not None
         self._session.public_key, self._session.fingerprint = self._candidate
         client = self._agent.client_name(self._source_ip, self._session.public_key)
-        log.info("client %s (%s) connected to %s", client, self._session.fingerprint,
-                 self._source_ip)
+        log.info(
+            "client %s (%s) connected to %s", client, self._session.fingerprint, self._source_ip
+        )
 
     def connection_requested(
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
-    ) -> object:
+    ) -> Awaitable[asyncssh.SSHTCPSession[bytes]]:
         session = self._session
         assert session is not None
         try:
@@ -105,23 +110,35 @@ class _SourceIPServer(asyncssh.SSHServer):
         except ValueError:
             target = None
         if target is None or not self._agent.allowed(session, target):
-            log.warning("refused channel from %s on %s to %s:%s: not in its allow-list",
-                        session.fingerprint, self._source_ip, dest_host, dest_port)
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
-                                            "target not allowed for this key")
+            log.warning(
+                "refused channel from %s on %s to %s:%s: not in its allow-list",
+                session.fingerprint,
+                self._source_ip,
+                dest_host,
+                dest_port,
+            )
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "target not allowed for this key"
+            )
         return self._open(session, target)
 
     async def _open(self, session: _Session, target: Endpoint) -> asyncssh.SSHTCPSession[bytes]:
-        splice = Splice(on_close=lambda s: session.channels.pop(s, None))
+        def forget(splice: Splice) -> None:
+            session.channels.pop(splice, None)
+
+        splice = Splice(on_close=forget)
         try:
             await asyncio.get_running_loop().create_connection(
-                lambda: splice.tcp_side, target.address, target.port,
+                lambda: splice.tcp_side,
+                target.address,
+                target.port,
                 local_addr=(self._source_ip, 0),
             )
         except OSError as error:
             log.info("target %s unreachable from %s: %s", target, self._source_ip, error.strerror)
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED,
-                                            f"{target}: {error.strerror}") from None
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_CONNECT_FAILED, f"{target}: {error.strerror}"
+            ) from None
         session.channels[splice] = target
         return splice.channel_side
 
@@ -178,18 +195,23 @@ class GatewayAgent:
                     host=source_ip,
                     port=self.config.ssh_port,
                     server_host_keys=[self._host_key],
-                    server_factory=lambda ip=source_ip: _SourceIPServer(self, ip),  # type: ignore[misc]
+                    server_factory=lambda ip=source_ip: _SourceIPServer(self, ip),
                     reuse_address=True,
                     allow_scp=False,
                     agent_forwarding=False,
                     x11_forwarding=False,
                     window=WINDOW,
-                    **tuned_options(),  # type: ignore[arg-type]
+                    **tuned_options(),
                 )
                 log.info("serving source IP %s on port %s", source_ip, self.config.ssh_port)
             except OSError as error:
-                log.error("cannot listen on %s:%s (%s); retrying every %ss",
-                          source_ip, self.config.ssh_port, error.strerror, LISTEN_RETRY_SECONDS)
+                log.error(
+                    "cannot listen on %s:%s (%s); retrying every %ss",
+                    source_ip,
+                    self.config.ssh_port,
+                    error.strerror,
+                    LISTEN_RETRY_SECONDS,
+                )
 
     async def _retry_listeners(self) -> None:
         while True:
@@ -211,8 +233,11 @@ class GatewayAgent:
             if not session.public_key:
                 continue  # still authenticating; validate_public_key sees the new config
             if source is None or source.client_for(session.public_key) is None:
-                log.info("closing %s on %s: key no longer authorised", session.fingerprint,
-                         session.source_ip)
+                log.info(
+                    "closing %s on %s: key no longer authorised",
+                    session.fingerprint,
+                    session.source_ip,
+                )
                 session.connection.close()
                 continue
             for splice, target in list(session.channels.items()):

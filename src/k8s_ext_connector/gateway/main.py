@@ -31,19 +31,29 @@ class GatewaySettings:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, type=Path, help="gateway config (YAML/JSON)")
-    parser.add_argument("--host-key", required=True, type=Path,
-                        help="SSH host private key (OpenSSH format)")
-    parser.add_argument("--manage-addresses", metavar="IFACE",
-                        help="add the source IPs to IFACE at start, remove them at stop")
-    parser.add_argument("--reload-interval", type=float, default=1.0,
-                        help="seconds between config file checks (SIGHUP reloads at once)")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--host-key", required=True, type=Path, help="SSH host private key (OpenSSH format)"
+    )
+    parser.add_argument(
+        "--manage-addresses",
+        metavar="IFACE",
+        help="add the source IPs to IFACE at start, remove them at stop",
+    )
+    parser.add_argument(
+        "--reload-interval",
+        type=float,
+        default=1.0,
+        help="seconds between config file checks (SIGHUP reloads at once)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
 
 
 def settings_from(args: argparse.Namespace) -> GatewaySettings:
-    return GatewaySettings(args.config, args.host_key, args.manage_addresses,
-                           args.reload_interval, args.log_level)
+    return GatewaySettings(
+        args.config, args.host_key, args.manage_addresses, args.reload_interval, args.log_level
+    )
 
 
 def load_host_key(path: Path) -> asyncssh.SSHKey:
@@ -62,12 +72,15 @@ def run(settings: GatewaySettings) -> int:
     return run_agent(lambda: _serve(settings, config, host_key))
 
 
-async def _serve(settings: GatewaySettings, config: GatewayConfig, host_key: asyncssh.SSHKey) -> None:
+async def _serve(
+    settings: GatewaySettings, config: GatewayConfig, host_key: asyncssh.SSHKey
+) -> None:
     addresses = IprouteAddresses(settings.manage_addresses) if settings.manage_addresses else None
     agent = GatewayAgent(config, host_key, addresses)
     await agent.start()
-    watcher = ConfigWatcher(settings.config_path, load_gateway_config, agent.apply,
-                            settings.reload_interval)
+    watcher = ConfigWatcher(
+        settings.config_path, load_gateway_config, agent.apply, settings.reload_interval
+    )
     watcher.install_sighup()
     watching = asyncio.create_task(watcher.run())
     log.info("gateway running with %d source IPs", len(config.sources))

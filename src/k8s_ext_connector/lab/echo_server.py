@@ -34,10 +34,10 @@ def _handler(log: _Log, port: int) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.0"
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: object) -> None:
             pass  # our JSON log replaces the default stderr line
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             client = self.client_address[0]
             url = urlparse(self.path)
             log.write({"port": port, "client": client, "path": url.path})

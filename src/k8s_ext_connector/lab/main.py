@@ -33,8 +33,12 @@ class Check:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--connections", type=int, default=10,
-                        help="concurrent connections per pod in the egress checks")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=10,
+        help="concurrent connections per pod in the egress checks",
+    )
 
 
 def _step(text: str) -> None:
@@ -43,8 +47,10 @@ def _step(text: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if not is_root():
-        print("k8s-ext-connector lab: error: needs root (network namespaces, iptables)",
-              file=sys.stderr)
+        print(
+            "k8s-ext-connector lab: error: needs root (network namespaces, iptables)",
+            file=sys.stderr,
+        )
         return 1
     started = time.monotonic()
     _step("building namespaces: external server, gateway node, pods my-pod1, my-pod2, other-pod")
@@ -56,8 +62,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
     _print_table(checks)
     passed = all(c.passed for c in checks)
-    _step(f"{'all checks passed' if passed else 'FAILED'} in {time.monotonic() - started:.1f}s;"
-          " namespaces, processes and rules removed")
+    _step(
+        f"{'all checks passed' if passed else 'FAILED'} in {time.monotonic() - started:.1f}s;"
+        " namespaces, processes and rules removed"
+    )
     return 0 if passed else 1
 
 
@@ -68,8 +76,10 @@ def _walkthrough(lab: Lab, connections: int) -> list[Check]:
     planned = plan_seed(keys, lab.host_key)
     _step(f"starting the gateway agent holding {', '.join(SOURCE_IPS)}")
     lab.start_gateway(planned.gateway)
-    _step("starting sidecars in my-pod1 (ns1/my-service1) and my-pod2 (ns2/my-service2);"
-          " the lab plays the kubelet here")
+    _step(
+        "starting sidecars in my-pod1 (ns1/my-service1) and my-pod2 (ns2/my-service2);"
+        " the lab plays the kubelet here"
+    )
     lab.start_sidecar("my-pod1", planned.sidecars[SERVICE1], keys.clients[SERVICE1])
     lab.start_sidecar("my-pod2", planned.sidecars[SERVICE2], keys.clients[SERVICE2])
     checks = []
@@ -78,13 +88,17 @@ def _walkthrough(lab: Lab, connections: int) -> list[Check]:
         outcomes = lab.in_pod(pod, lambda: run_gets(SERVICE_IP, 8000, connections))
         assert isinstance(outcomes, list)
         seen = {o.body if o.ok else f"error: {o.body}" for o in outcomes}
-        checks.append(Check(f"{pod} -> my-externalservice:8000", expected,
-                            ",".join(sorted(seen))))
+        checks.append(Check(f"{pod} -> my-externalservice:8000", expected, ",".join(sorted(seen))))
     _step("other-pod (no source service): must be refused")
     outcome = lab.in_pod("other-pod", lambda: run_gets(SERVICE_IP, 8000, 1))
     assert isinstance(outcome, list)
-    checks.append(Check("other-pod -> my-externalservice:8000", "refused",
-                        "refused" if not outcome[0].ok else f"reached as {outcome[0].body}"))
+    checks.append(
+        Check(
+            "other-pod -> my-externalservice:8000",
+            "refused",
+            "refused" if not outcome[0].ok else f"reached as {outcome[0].body}",
+        )
+    )
     return checks
 
 

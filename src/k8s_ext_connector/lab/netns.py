@@ -33,10 +33,12 @@ class LabError(RuntimeError):
     pass
 
 
-def sh(argv: Sequence[str], check: bool = True, input_text: str | None = None,
-       timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(list(argv), capture_output=True, text=True, input=input_text,
-                            timeout=timeout, check=False)
+def sh(
+    argv: Sequence[str], check: bool = True, input_text: str | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        list(argv), capture_output=True, text=True, input=input_text, timeout=timeout, check=False
+    )
     if check and result.returncode != 0:
         raise LabError(f"{' '.join(argv)}: {result.stderr.strip() or result.stdout.strip()}")
     return result

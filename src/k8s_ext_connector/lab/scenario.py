@@ -25,16 +25,22 @@ EXTERNAL_SERVICE = ServiceRef("external-services", "my-externalservice")
 
 
 def seed_spec(ports: tuple[tuple[int, int], ...] = ((8000, 8000),)) -> ExternalServiceSpec:
-    return ExternalServiceSpec.from_dict({
-        "targetIP": EXTERNAL_SERVER_IP,
-        "sources": [
-            {"service": {"namespace": SERVICE1.namespace, "name": SERVICE1.name},
-             "sourceIP": SOURCE_IPS[0]},
-            {"service": {"namespace": SERVICE2.namespace, "name": SERVICE2.name},
-             "sourceIP": SOURCE_IPS[1]},
-        ],
-        "ports": [{"protocol": "TCP", "port": p, "targetPort": t} for p, t in ports],
-    })
+    return ExternalServiceSpec.from_dict(
+        {
+            "targetIP": EXTERNAL_SERVER_IP,
+            "sources": [
+                {
+                    "service": {"namespace": SERVICE1.namespace, "name": SERVICE1.name},
+                    "sourceIP": SOURCE_IPS[0],
+                },
+                {
+                    "service": {"namespace": SERVICE2.namespace, "name": SERVICE2.name},
+                    "sourceIP": SOURCE_IPS[1],
+                },
+            ],
+            "ports": [{"protocol": "TCP", "port": p, "targetPort": t} for p, t in ports],
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -46,8 +52,9 @@ class ScenarioKeys:
         return ScenarioKeys({SERVICE1: generate_key_pair(), SERVICE2: generate_key_pair()})
 
 
-def plan_seed(keys: ScenarioKeys, host_key: KeyPair,
-              ports: tuple[tuple[int, int], ...] = ((8000, 8000),)) -> Plan:
+def plan_seed(
+    keys: ScenarioKeys, host_key: KeyPair, ports: tuple[tuple[int, int], ...] = ((8000, 8000),)
+) -> Plan:
     es = ExternalService(EXTERNAL_SERVICE.namespace, EXTERNAL_SERVICE.name, seed_spec(ports))
     facts = ClusterFacts(
         connector_ips={EXTERNAL_SERVICE: SERVICE_IP},

@@ -107,8 +107,12 @@ class Lab:
             raise netns.LabError("the namespace lab needs root (ip netns, veth, iptables)")
         netns.sweep_orphans()
         prefix = f"xcl{os.getpid()}n{next(_counter)}"
-        lab = Lab(prefix=prefix, workdir=Path(tempfile.mkdtemp(prefix=f"{prefix}-")),
-                  ext_ns=f"{prefix}-ext", gw_ns=f"{prefix}-gw")
+        lab = Lab(
+            prefix=prefix,
+            workdir=Path(tempfile.mkdtemp(prefix=f"{prefix}-")),
+            ext_ns=f"{prefix}-ext",
+            gw_ns=f"{prefix}-gw",
+        )
         try:
             lab.host_key = generate_key_pair()
             write_private_key(lab.workdir / "gateway-host-key", lab.host_key)
@@ -128,10 +132,27 @@ class Lab:
         ip = self._ip
         netns.add(self.ext_ns)
         netns.add(self.gw_ns)
-        ip(self.gw_ns, "link", "add", GATEWAY_IFACE, "type", "veth", "peer", "name", "eth0",
-           "netns", self.ext_ns)
-        ip(self.gw_ns, "addr", "add", f"{GATEWAY_EXTERNAL_IP}/{EXTERNAL_PREFIX}", "dev",
-           GATEWAY_IFACE)
+        ip(
+            self.gw_ns,
+            "link",
+            "add",
+            GATEWAY_IFACE,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            self.ext_ns,
+        )
+        ip(
+            self.gw_ns,
+            "addr",
+            "add",
+            f"{GATEWAY_EXTERNAL_IP}/{EXTERNAL_PREFIX}",
+            "dev",
+            GATEWAY_IFACE,
+        )
         ip(self.gw_ns, "link", "set", GATEWAY_IFACE, "up")
         ip(self.ext_ns, "addr", "add", f"{EXTERNAL_SERVER_IP}/{EXTERNAL_PREFIX}", "dev", "eth0")
         ip(self.ext_ns, "link", "set", "eth0", "up")
@@ -144,8 +165,19 @@ class Lab:
             pod = Pod(name=name, ip=f"198.51.100.{11 + index}", netns=f"{self.prefix}-{name}")
             netns.add(pod.netns)
             veth = f"vp{index}"
-            ip(self.gw_ns, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns",
-               pod.netns)
+            ip(
+                self.gw_ns,
+                "link",
+                "add",
+                veth,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                pod.netns,
+            )
             ip(self.gw_ns, "link", "set", veth, "master", "br0", "up")
             ip(pod.netns, "addr", "add", f"{pod.ip}/{POD_PREFIX}", "dev", "eth0")
             ip(pod.netns, "link", "set", "eth0", "up")
@@ -159,15 +191,20 @@ class Lab:
     def enable_routing(self) -> None:
         """Benchmark baseline only: let the node route pods straight to the server."""
         netns.sh(["ip", "netns", "exec", self.gw_ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
-        self._ip(self.ext_ns, "route", "add", f"198.51.100.0/{POD_PREFIX}", "via",
-                 GATEWAY_EXTERNAL_IP)
+        self._ip(
+            self.ext_ns, "route", "add", f"198.51.100.0/{POD_PREFIX}", "via", GATEWAY_EXTERNAL_IP
+        )
 
     # ---- processes ------------------------------------------------------------------
     def spawn(self, name: str, ns: str, argv: Sequence[str]) -> Process:
         log_path = self.workdir / f"{name}.log"
         handle = log_path.open("ab")
-        popen = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=handle,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+        popen = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *argv],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         handle.close()
         process = Process(name, popen, log_path)
         self.processes.append(process)
@@ -177,8 +214,15 @@ class Lab:
         return [sys.executable, "-m", "k8s_ext_connector", *args]
 
     def start_external_server(self) -> Process:
-        argv = [sys.executable, "-m", "k8s_ext_connector.lab.echo_server",
-                "--log", str(self.server_log_path), "--sink-port", str(SINK_PORT)]
+        argv = [
+            sys.executable,
+            "-m",
+            "k8s_ext_connector.lab.echo_server",
+            "--log",
+            str(self.server_log_path),
+            "--sink-port",
+            str(SINK_PORT),
+        ]
         for port in HTTP_PORTS:
             argv += ["--port", str(port)]
         server = self.spawn("external-server", self.ext_ns, argv)
@@ -193,8 +237,11 @@ class Lab:
     def server_log(self) -> list[dict[str, object]]:
         if not self.server_log_path.exists():
             return []
-        return [json.loads(line) for line in self.server_log_path.read_text().splitlines()
-                if line.strip()]
+        return [
+            json.loads(line)
+            for line in self.server_log_path.read_text().splitlines()
+            if line.strip()
+        ]
 
     def write_gateway_config(self, config: GatewayConfig) -> Path:
         path = self.workdir / "gateway.yaml"
@@ -205,9 +252,21 @@ class Lab:
         path = self.workdir / "gateway.yaml"
         if config is not None:
             self.write_gateway_config(config)
-        self.gateway = self.spawn("gateway", self.gw_ns, self.agent_argv(
-            "gateway", "--config", str(path), "--host-key", str(self.workdir / "gateway-host-key"),
-            "--manage-addresses", GATEWAY_IFACE, "--reload-interval", "0.2"))
+        self.gateway = self.spawn(
+            "gateway",
+            self.gw_ns,
+            self.agent_argv(
+                "gateway",
+                "--config",
+                str(path),
+                "--host-key",
+                str(self.workdir / "gateway-host-key"),
+                "--manage-addresses",
+                GATEWAY_IFACE,
+                "--reload-interval",
+                "0.2",
+            ),
+        )
         if wait:
             current = GatewayConfig.from_dict(_load_yaml(path))
             for source in current.sources:
@@ -220,16 +279,27 @@ class Lab:
         _write_atomically(pod.config_path, dump(config))
         return pod.config_path
 
-    def start_sidecar(self, pod_name: str, config: SidecarConfig, client_key: KeyPair,
-                      wait_ready: bool = True) -> Process:
+    def start_sidecar(
+        self, pod_name: str, config: SidecarConfig, client_key: KeyPair, wait_ready: bool = True
+    ) -> Process:
         pod = self.pods[pod_name]
         self.write_sidecar_config(pod_name, config)
         pod.key_path = self.workdir / f"client-key-{pod_name}"
         write_private_key(pod.key_path, client_key)
         assert pod.config_path is not None
-        pod.sidecar = self.spawn(f"sidecar-{pod_name}", pod.netns, self.agent_argv(
-            "sidecar", "--config", str(pod.config_path), "--ssh-key", str(pod.key_path),
-            "--reload-interval", "0.2"))
+        pod.sidecar = self.spawn(
+            f"sidecar-{pod_name}",
+            pod.netns,
+            self.agent_argv(
+                "sidecar",
+                "--config",
+                str(pod.config_path),
+                "--ssh-key",
+                str(pod.key_path),
+                "--reload-interval",
+                "0.2",
+            ),
+        )
         if wait_ready:
             self.wait_sidecar_ready(pod_name)
         return pod.sidecar
@@ -259,21 +329,28 @@ class Lab:
                 return False
             return status == 200
 
-        self.wait_until(ready, timeout, lambda: f"sidecar in {pod_name} not ready: {last}",
-                        process=pod.sidecar)
+        self.wait_until(
+            ready, timeout, lambda: f"sidecar in {pod_name} not ready: {last}", process=pod.sidecar
+        )
 
     # ---- probes -----------------------------------------------------------------------
-    def wait_tcp(self, ns: str, host: str, port: int, timeout: float = 15,
-                 process: Process | None = None) -> None:
+    def wait_tcp(
+        self, ns: str, host: str, port: int, timeout: float = 15, process: Process | None = None
+    ) -> None:
         def accepting() -> bool:
             return netns.call_in_netns(ns, lambda: _try_connect(host, port))
 
-        self.wait_until(accepting, timeout, lambda: f"{host}:{port} in {ns} not accepting",
-                        process=process)
+        self.wait_until(
+            accepting, timeout, lambda: f"{host}:{port} in {ns} not accepting", process=process
+        )
 
     @staticmethod
-    def wait_until(condition: Callable[[], bool], timeout: float, describe: Callable[[], str],
-                   process: Process | None = None) -> None:
+    def wait_until(
+        condition: Callable[[], bool],
+        timeout: float,
+        describe: Callable[[], str],
+        process: Process | None = None,
+    ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if condition():

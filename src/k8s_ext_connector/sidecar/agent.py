@@ -34,8 +34,11 @@ def check_supported(config: SidecarConfig) -> None:
     for i, rule in enumerate(config.rules):
         for j, destination in enumerate(rule.intercept):
             if ":" in destination.address:
-                raise ConfigError(f"rules[{i}].intercept[{j}].address", destination.address,
-                                  "IPv6 egress is not supported yet")
+                raise ConfigError(
+                    f"rules[{i}].intercept[{j}].address",
+                    destination.address,
+                    "IPv6 egress is not supported yet",
+                )
 
 
 def original_destination(sock: socket.socket) -> Endpoint:
@@ -64,8 +67,11 @@ class SidecarAgent:
         )
         iptables.apply(self._firewall, render_egress_rules(self.config))
         self._rules_applied = True
-        log.info("intercepting %d destinations of %d rules",
-                 sum(len(r.intercept) for r in self.config.rules), len(self.config.rules))
+        log.info(
+            "intercepting %d destinations of %d rules",
+            sum(len(r.intercept) for r in self.config.rules),
+            len(self.config.rules),
+        )
 
     async def apply(self, config: SidecarConfig) -> None:
         """Move to a new config; connections of rules that remain keep flowing."""
@@ -108,8 +114,11 @@ class SidecarAgent:
         rule = self.config.rule_for(destination)
         conn = self._pool.get(rule.gateway) if rule else None
         if rule is None or conn is None:
-            log.info("refusing connection to %s: %s", destination,
-                     "no rule" if rule is None else "gateway session down")
+            log.info(
+                "refusing connection to %s: %s",
+                destination,
+                "no rule" if rule is None else "gateway session down",
+            )
             splice.close(rst=True)
             return
         task = asyncio.create_task(self._open_channel(splice, conn, rule.target))

@@ -34,22 +34,45 @@ class SidecarSettings:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, type=Path, help="sidecar config (YAML/JSON)")
-    parser.add_argument("--ssh-key", required=True, type=Path,
-                        help="this pod's SSH client private key (OpenSSH format)")
-    parser.add_argument("--iptables-backend", default="auto", choices=["auto", "nft", "legacy"],
-                        help="auto: the backend already holding more rules, nft on a tie")
-    parser.add_argument("--health-host", default="0.0.0.0",
-                        help="address of the /healthz and /ready endpoint (kubelet probes)")
+    parser.add_argument(
+        "--ssh-key",
+        required=True,
+        type=Path,
+        help="this pod's SSH client private key (OpenSSH format)",
+    )
+    parser.add_argument(
+        "--iptables-backend",
+        default="auto",
+        choices=["auto", "nft", "legacy"],
+        help="auto: the backend already holding more rules, nft on a tie",
+    )
+    parser.add_argument(
+        "--health-host",
+        default="0.0.0.0",
+        help="address of the /healthz and /ready endpoint (kubelet probes)",
+    )
     parser.add_argument("--health-port", type=int, default=15021, help="0 disables it")
-    parser.add_argument("--reload-interval", type=float, default=1.0,
-                        help="seconds between config file checks (SIGHUP reloads at once)")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--reload-interval",
+        type=float,
+        default=1.0,
+        help="seconds between config file checks (SIGHUP reloads at once)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
 
 
 def settings_from(args: argparse.Namespace) -> SidecarSettings:
-    return SidecarSettings(args.config, args.ssh_key, args.iptables_backend, args.health_host,
-                           args.health_port, args.reload_interval, args.log_level)
+    return SidecarSettings(
+        args.config,
+        args.ssh_key,
+        args.iptables_backend,
+        args.health_host,
+        args.health_port,
+        args.reload_interval,
+        args.log_level,
+    )
 
 
 def load_client_key(path: Path) -> asyncssh.SSHKey:
@@ -67,7 +90,8 @@ def run(settings: SidecarSettings) -> int:
     client_key = load_client_key(settings.ssh_key_path)
     setup_logging(settings.log_level)
     backend: iptables.Backend = (
-        iptables.detect_backend() if settings.iptables_backend == "auto"
+        iptables.detect_backend()
+        if settings.iptables_backend == "auto"
         else settings.iptables_backend  # type: ignore[assignment]
     )
     log.info("iptables backend: %s", backend)
@@ -75,17 +99,21 @@ def run(settings: SidecarSettings) -> int:
     return run_agent(lambda: _serve(settings, config, client_key, firewall))
 
 
-async def _serve(settings: SidecarSettings, config: SidecarConfig, client_key: asyncssh.SSHKey,
-                 firewall: iptables.Iptables) -> None:
+async def _serve(
+    settings: SidecarSettings,
+    config: SidecarConfig,
+    client_key: asyncssh.SSHKey,
+    firewall: iptables.Iptables,
+) -> None:
     agent = SidecarAgent(config, client_key, firewall)
     health = None
     try:
         await agent.start()
         if settings.health_port:
-            health = await serve_health(settings.health_host, settings.health_port,
-                                        agent.readiness)
-        watcher = ConfigWatcher(settings.config_path, load_sidecar_config, agent.apply,
-                                settings.reload_interval)
+            health = await serve_health(settings.health_host, settings.health_port, agent.readiness)
+        watcher = ConfigWatcher(
+            settings.config_path, load_sidecar_config, agent.apply, settings.reload_interval
+        )
         watcher.install_sighup()
         watching = asyncio.create_task(watcher.run())
         try:

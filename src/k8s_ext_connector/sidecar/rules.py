@@ -24,9 +24,8 @@ def render_egress_rules(config: SidecarConfig) -> ChainSet:
                 f"{comment(f'{rule.name} via {rule.gateway.address}')} "
                 f"-j REDIRECT --to-ports {config.listen_port}"
             )
-    jump = Jump(
-        chain="OUTPUT",
-        spec=f"-p tcp {comment('k8s-ext-connector: egress to external services')} -j {EGRESS_CHAIN}",
+    hook = comment("k8s-ext-connector: egress to external services")
+    jump = Jump(chain="OUTPUT", spec=f"-p tcp {hook} -j {EGRESS_CHAIN}")
+    return ChainSet(
+        table="nat", chains={EGRESS_CHAIN: tuple(specs)}, jumps=(jump,), owned_prefix=OWNED_PREFIX
     )
-    return ChainSet(table="nat", chains={EGRESS_CHAIN: tuple(specs)}, jumps=(jump,),
-                    owned_prefix=OWNED_PREFIX)

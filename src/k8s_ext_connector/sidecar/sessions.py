@@ -65,15 +65,16 @@ class GatewaySession:
                         password=None,
                         preferred_auth="publickey",
                         window=WINDOW,
-                        **tuned_options(),  # type: ignore[arg-type]
+                        **tuned_options(),
                     ),
                     CONNECT_TIMEOUT,
                 )
             except (OSError, asyncssh.Error, TimeoutError) as error:
                 reason = str(error) or type(error).__name__
                 if reason != self.last_error:
-                    log.warning("gateway %s unavailable: %s (retrying)", self.gateway.endpoint,
-                                reason)
+                    log.warning(
+                        "gateway %s unavailable: %s (retrying)", self.gateway.endpoint, reason
+                    )
                 self.last_error = reason
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
@@ -110,8 +111,11 @@ class SessionPool:
 
     def down(self) -> list[str]:
         """Gateways without a live session, with the reason, for readiness."""
-        return [f"{g.endpoint}: {s.last_error}" for g, s in self._sessions.items()
-                if s.connection is None]
+        return [
+            f"{g.endpoint}: {s.last_error}"
+            for g, s in self._sessions.items()
+            if s.connection is None
+        ]
 
     async def close(self) -> None:
         await self.update(())
