@@ -204,3 +204,54 @@ def test_invalid_config_on_reload_keeps_the_running_one(seed_lab: SeedLab) -> No
         lambda: "gateway did not report the bad config",
     )
     assert run_in(lab, "my-pod1") == [SOURCE_IPS[0]]
+
+
+async def _try_shell_and_remote_forward(private_key: bytes, host_key: str) -> list[str]:
+    refused = []
+    async with asyncssh.connect(
+        SOURCE_IPS[0],
+        2022,
+        username="probe",
+        client_keys=[asyncssh.import_private_key(private_key)],
+        known_hosts=([asyncssh.import_public_key(host_key)], [], []),
+        agent_path=None,
+        config=None,
+    ) as conn:
+        try:
+            await conn.run("id", check=True)
+        except asyncssh.ChannelOpenError:
+            refused.append("exec")
+        try:
+            await conn.forward_remote_port("", 8080, "localhost", 22)
+        except asyncssh.ChannelListenError:
+            refused.append("remote forward")
+    return refused
+
+
+def test_an_authorised_key_gets_no_shell_and_no_remote_forwarding(seed_lab: SeedLab) -> None:
+    key = seed_lab.keys.clients[SERVICE1].private_openssh
+    host_key = seed_lab.lab.host_key.public_openssh
+    refused = seed_lab.lab.in_pod(
+        "other-pod", lambda: asyncio.run(_try_shell_and_remote_forward(key, host_key))
+    )
+    assert refused == ["exec", "remote forward"]
+
+
+def test_a_gateway_with_a_different_host_key_is_not_trusted(seed_lab: SeedLab) -> None:
+    impostor = generate_key_pair().public_openssh  # as if someone else answered on .200
+    key = seed_lab.keys.clients[SERVICE1].private_openssh
+
+    async def connect() -> None:
+        async with asyncssh.connect(
+            SOURCE_IPS[0],
+            2022,
+            username="probe",
+            client_keys=[asyncssh.import_private_key(key)],
+            known_hosts=([asyncssh.import_public_key(impostor)], [], []),
+            agent_path=None,
+            config=None,
+        ):
+            pass
+
+    with pytest.raises(asyncssh.HostKeyNotVerifiable):
+        seed_lab.lab.in_pod("other-pod", lambda: asyncio.run(connect()))

@@ -1,0 +1,1 @@
+"""The mutating admission webhook that injects the sidecar (not built yet: issue #4)."""

@@ -1,0 +1,358 @@
+"""The planner: ExternalServices + cluster facts + public keys -> sidecar and gateway configs."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import yaml
+
+from k8s_ext_connector.core.api import ExternalService, ExternalServiceSpec, ServiceRef
+from k8s_ext_connector.core.config import (
+    AuthorizedClient,
+    EgressRule,
+    Endpoint,
+    GatewayConfig,
+    GatewayEndpoint,
+    SidecarConfig,
+    SourceIPConfig,
+)
+from k8s_ext_connector.core.planner import (
+    ClusterFacts,
+    KeyMaterial,
+    Plan,
+    PlanOptions,
+    SourceServiceFacts,
+    plan,
+)
+from tests.unit.samples import KEY_A, KEY_B, KEY_C, KEY_D, SEED_MANIFEST, seed_spec
+
+SVC1 = ServiceRef("ns1", "my-service1")
+SVC2 = ServiceRef("ns2", "my-service2")
+SVC3 = ServiceRef("ns3", "my-service3")
+IP1, IP2 = "192.168.122.200", "192.168.122.201"
+TARGET = "192.168.122.139"
+
+# ClusterIPs of the connector Services, by ExternalService.
+CONNECTORS = {
+    ServiceRef("default", "my-externalservice"): "10.96.0.10",
+    ServiceRef("default", "es1"): "10.96.0.11",
+    ServiceRef("default", "es2"): "10.96.0.12",
+    ServiceRef("default", "es3"): "10.96.0.13",
+}
+FACTS = ClusterFacts(
+    connector_ips=CONNECTORS,
+    source_services={
+        SVC1: SourceServiceFacts("10.96.1.1", (80,)),
+        SVC2: SourceServiceFacts("10.96.1.2", (80,)),
+        SVC3: SourceServiceFacts("10.96.1.3"),
+    },
+)
+KEYS = KeyMaterial(
+    client_keys={SVC1: KEY_C, SVC2: KEY_D, SVC3: KEY_B},
+    gateway_host_keys={IP1: KEY_A, IP2: KEY_B},
+)
+SEED = ExternalService.from_object(yaml.safe_load(SEED_MANIFEST))
+
+
+def _source(service: ServiceRef, source_ip: str) -> dict[str, Any]:
+    return {"service": {"namespace": service.namespace, "name": service.name},
+            "sourceIP": source_ip}
+
+
+def _es(name: str, sources: list[tuple[ServiceRef, str]], ports: list[dict[str, Any]] | None = None,
+        target_ip: str = TARGET) -> ExternalService:
+    spec = {"targetIP": target_ip, "sources": [_source(s, ip) for s, ip in sources],
+            "ports": ports or [{"port": 8000}]}
+    return ExternalService("default", name, ExternalServiceSpec.from_dict(spec))
+
+
+def _gw(address: str, key: str) -> GatewayEndpoint:
+    return GatewayEndpoint(address=address, host_key=key, port=2022)
+
+
+def test_seed_example_plans_exactly() -> None:
+    result = plan([SEED], FACTS, KEYS)
+    target = Endpoint(TARGET, 8000)
+    intercept = (Endpoint("10.96.0.10", 8000), target)
+    name = "default/my-externalservice:8000"
+    assert result == Plan(
+        sidecars={
+            SVC1: SidecarConfig(
+                rules=(EgressRule(name, intercept, _gw(IP1, KEY_A), target),), listen_port=15001),
+            SVC2: SidecarConfig(
+                rules=(EgressRule(name, intercept, _gw(IP2, KEY_B), target),), listen_port=15001),
+        },
+        gateway=GatewayConfig(
+            ssh_port=2022,
+            sources=(
+                SourceIPConfig(IP1, (AuthorizedClient("ns1/my-service1", KEY_C, (target,)),)),
+                SourceIPConfig(IP2, (AuthorizedClient("ns2/my-service2", KEY_D, (target,)),)),
+            ),
+        ),
+        problems={},
+    )
+    # The gateway endpoint a sidecar dials is sourceIP:2022, pinned to that gateway's key.
+    assert result.sidecars[SVC1].gateways() == (_gw(IP1, KEY_A),)
+    assert str(result.sidecars[SVC1].gateways()[0].endpoint) == "192.168.122.200:2022"
+
+
+@pytest.mark.parametrize(
+    ("ports", "intercept", "allow"),
+    [
+        pytest.param([{"port": 80, "targetPort": 8080}],
+                     [[("10.96.0.11", 80), (TARGET, 8080)]], [(TARGET, 8080)],
+                     id="target-port-differs"),
+        pytest.param([{"port": 80}, {"port": 443, "targetPort": 8443}],
+                     [[("10.96.0.11", 80), (TARGET, 80)], [("10.96.0.11", 443), (TARGET, 8443)]],
+                     [(TARGET, 80), (TARGET, 8443)], id="two-ports"),
+    ],
+)
+def test_ports_and_target_ports(ports: list[dict[str, Any]],
+                                intercept: list[list[tuple[str, int]]],
+                                allow: list[tuple[str, int]]) -> None:
+    result = plan([_es("es1", [(SVC1, IP1)], ports)], FACTS, KEYS)
+    rules = result.sidecars[SVC1].rules
+    assert [r.name for r in rules] == [f"default/es1:{p['port']}" for p in ports]
+    assert [list(r.intercept) for r in rules] == [[Endpoint(*e) for e in i] for i in intercept]
+    assert [r.target for r in rules] == [
+        Endpoint(TARGET, p.get("targetPort", p["port"])) for p in ports
+    ]
+    assert result.gateway.sources[0].clients[0].allow == tuple(Endpoint(*e) for e in allow)
+
+
+@pytest.mark.parametrize(
+    ("options", "intercept"),
+    [
+        pytest.param(PlanOptions(), [("10.96.0.10", 8000), (TARGET, 8000)], id="default"),
+        pytest.param(PlanOptions(intercept_target=False), [("10.96.0.10", 8000)],
+                     id="intercept-target-false"),
+    ],
+)
+def test_intercept_target_option(options: PlanOptions, intercept: list[tuple[str, int]]) -> None:
+    result = plan([SEED], FACTS, KEYS, options)
+    for service in (SVC1, SVC2):
+        (rule,) = result.sidecars[service].rules
+        assert rule.intercept == tuple(Endpoint(*e) for e in intercept)
+        assert rule.target == Endpoint(TARGET, 8000)
+
+
+def test_no_connector_ip_yet_intercepts_the_target_only() -> None:
+    facts = ClusterFacts(connector_ips={}, source_services=FACTS.source_services)
+    result = plan([SEED], facts, KEYS)
+    assert result.sidecars[SVC1].rules[0].intercept == (Endpoint(TARGET, 8000),)
+
+
+def test_options_reach_the_configs() -> None:
+    result = plan([SEED], FACTS, KEYS, PlanOptions(ssh_port=2200, listen_port=16000))
+    assert result.gateway.ssh_port == 2200
+    assert result.sidecars[SVC1].listen_port == 16000
+    assert result.sidecars[SVC1].rules[0].gateway == GatewayEndpoint(IP1, KEY_A, 2200)
+
+
+# --- problems: the faulty ExternalService is left out, the others still plan ---------------
+
+
+def test_missing_source_service_leaves_only_that_es_out() -> None:
+    missing = ServiceRef("ns1", "missing")
+    bad = _es("es1", [(missing, IP1)])
+    good = _es("es2", [(SVC2, IP2)], [{"port": 5432}])
+    keys = KeyMaterial({**KEYS.client_keys, missing: KEY_D}, KEYS.gateway_host_keys)
+    result = plan([bad, good], FACTS, keys)
+    assert result.problems == {
+        bad.ref: ("spec.sources[0].service: Service ns1/missing does not exist",),
+    }
+    assert list(result.sidecars) == [SVC2]
+    assert [r.name for r in result.sidecars[SVC2].rules] == ["default/es2:5432"]
+    assert [s.source_ip for s in result.gateway.sources] == [IP2]
+
+
+@pytest.mark.parametrize(
+    ("keys", "problem"),
+    [
+        pytest.param(KeyMaterial(KEYS.client_keys, {IP2: KEY_B}),
+                     "spec.sources[0].sourceIP: 192.168.122.200 is held by no gateway",
+                     id="missing-gateway-host-key"),
+        pytest.param(KeyMaterial({SVC2: KEY_D}, KEYS.gateway_host_keys),
+                     "spec.sources[0].service: no client key issued yet for ns1/my-service1",
+                     id="missing-client-key"),
+    ],
+)
+def test_missing_key_is_a_problem(keys: KeyMaterial, problem: str) -> None:
+    result = plan([SEED], FACTS, keys)
+    assert result.problems == {SEED.ref: (problem,)}
+    assert result.sidecars == {}
+    assert result.gateway == GatewayConfig(sources=())
+
+
+def test_every_problem_of_an_es_is_reported() -> None:
+    missing = ServiceRef("ns9", "nothing")
+    es = _es("es1", [(missing, "10.9.9.9")])
+    result = plan([es], FACTS, KEYS)
+    assert result.problems == {es.ref: (
+        "spec.sources[0].service: Service ns9/nothing does not exist",
+        "spec.sources[0].service: no client key issued yet for ns9/nothing",
+        "spec.sources[0].sourceIP: 10.9.9.9 is held by no gateway",
+    )}
+
+
+def test_source_ip_claimed_by_two_services_problem_on_the_later_es_only() -> None:
+    first = _es("es1", [(SVC1, IP1)])
+    later = _es("es2", [(SVC2, IP1)])
+    result = plan([first, later], FACTS, KEYS)
+    assert list(result.problems) == [later.ref]
+    (problem,) = result.problems[later.ref]
+    assert problem.startswith("spec.sources[0].sourceIP: 192.168.122.200 already carries "
+                              "ns1/my-service1 to 192.168.122.139:8000 (in ExternalService "
+                              "default/es1)")
+    assert list(result.sidecars) == [SVC1]
+    assert result.sidecars[SVC1].rules[0].name == "default/es1:8000"
+    assert [c.name for s in result.gateway.sources for c in s.clients] == ["ns1/my-service1"]
+
+
+def test_source_ip_claimed_twice_within_one_es() -> None:
+    es = _es("es1", [(SVC1, IP1), (SVC2, IP1)])
+    result = plan([es], FACTS, KEYS)
+    assert list(result.problems) == [es.ref]
+    (problem,) = result.problems[es.ref]
+    assert problem.startswith("spec.sources[1].sourceIP: 192.168.122.200 already carries "
+                              "ns1/my-service1")
+    assert "this ExternalService" in problem
+
+
+@pytest.mark.parametrize(
+    ("second", "problem"),
+    [
+        pytest.param([(SVC1, IP2)],
+                     "spec.sources[0].service: pods of ns1/my-service1 already reach "
+                     "192.168.122.139:8000 through ExternalService default/es1",
+                     id="other-source-ip"),
+        pytest.param([(SVC1, IP1)],
+                     "spec.sources[0].service: pods of ns1/my-service1 already reach "
+                     "192.168.122.139:8000 through ExternalService default/es1",
+                     id="same-source-ip"),
+    ],
+)
+def test_same_service_in_two_es_to_the_same_target_port(second: list[tuple[ServiceRef, str]],
+                                                         problem: str) -> None:
+    first = _es("es1", [(SVC1, IP1)])
+    later = _es("es2", second)
+    result = plan([first, later], FACTS, KEYS)
+    assert result.problems == {later.ref: (problem,)}
+    assert [r.name for r in result.sidecars[SVC1].rules] == ["default/es1:8000"]
+
+
+def test_different_services_same_target_different_source_ips_is_fine() -> None:
+    result = plan([_es("es1", [(SVC1, IP1)]), _es("es2", [(SVC2, IP2)])], FACTS, KEYS)
+    assert result.problems == {}
+    assert list(result.sidecars) == [SVC1, SVC2]
+
+
+def test_two_es_sharing_source_ip_and_key_merge_into_one_client() -> None:
+    es1 = _es("es1", [(SVC1, IP1)], [{"port": 8000}])
+    es2 = _es("es2", [(SVC1, IP1), (SVC2, IP2)], [{"port": 5432}], target_ip="192.168.122.140")
+    es3 = _es("es3", [(SVC1, IP1)], [{"port": 443, "targetPort": 8443}], target_ip="10.20.0.1")
+    result = plan([es1, es2, es3], FACTS, KEYS)
+    assert result.problems == {}
+    assert result.gateway == GatewayConfig(
+        ssh_port=2022,
+        sources=(
+            SourceIPConfig(IP1, (AuthorizedClient("ns1/my-service1", KEY_C, (
+                Endpoint("10.20.0.1", 8443),
+                Endpoint(TARGET, 8000),
+                Endpoint("192.168.122.140", 5432),
+            )),)),
+            SourceIPConfig(IP2, (AuthorizedClient("ns2/my-service2", KEY_D, (
+                Endpoint("192.168.122.140", 5432),
+            )),)),
+        ),
+    )
+    assert [r.name for r in result.sidecars[SVC1].rules] == [
+        "default/es1:8000", "default/es2:5432", "default/es3:443"]
+    # one gateway session for the three rules
+    assert result.sidecars[SVC1].gateways() == (_gw(IP1, KEY_A),)
+
+
+def test_clients_of_one_source_ip_sorted_by_service() -> None:
+    es1 = _es("es1", [(SVC2, IP1)], [{"port": 80}])
+    es2 = _es("es2", [(SVC1, IP1)], [{"port": 81}])
+    result = plan([es1, es2], FACTS, KEYS)
+    assert [c.name for c in result.gateway.sources[0].clients] == [
+        "ns1/my-service1", "ns2/my-service2"]
+
+
+# --- determinism and validity of the output -------------------------------------------------
+
+
+def _scenario() -> list[ExternalService]:
+    return [
+        _es("es3", [(SVC3, IP2), (SVC1, IP1)], [{"port": 9000}], target_ip="10.20.0.3"),
+        SEED,
+        _es("es1", [(SVC1, IP1)], [{"port": 5432}, {"port": 80, "targetPort": 8080}],
+            target_ip="10.20.0.1"),
+    ]
+
+
+def test_determinism_same_input_same_output() -> None:
+    first = plan(_scenario(), FACTS, KEYS)
+    again = plan(copy.deepcopy(_scenario()), copy.deepcopy(FACTS), copy.deepcopy(KEYS))
+    assert first == again
+    assert [list(s.to_dict()) for s in first.sidecars.values()] == [
+        list(s.to_dict()) for s in again.sidecars.values()]
+    assert first.gateway.to_dict() == again.gateway.to_dict()
+    assert list(first.sidecars) == sorted(first.sidecars)
+
+
+def test_determinism_independent_of_mapping_order() -> None:
+    reversed_facts = ClusterFacts(
+        connector_ips=dict(reversed(list(FACTS.connector_ips.items()))),
+        source_services=dict(reversed(list(FACTS.source_services.items()))),
+    )
+    reversed_keys = KeyMaterial(
+        client_keys=dict(reversed(list(KEYS.client_keys.items()))),
+        gateway_host_keys=dict(reversed(list(KEYS.gateway_host_keys.items()))),
+    )
+    first = plan(_scenario(), FACTS, KEYS)
+    other = plan(_scenario(), reversed_facts, reversed_keys)
+    assert first == other
+    assert list(first.sidecars) == list(other.sidecars)
+    assert first.gateway.to_dict() == other.gateway.to_dict()
+
+
+_NO_CONNECTORS = ClusterFacts(connector_ips={}, source_services=FACTS.source_services)
+
+# Every config the planner emits must pass the agents' own validation: otherwise the sidecar
+# or gateway refuses it at load time, after the operator has reported success.
+VALIDITY_CASES = [
+    pytest.param([SEED], FACTS, PlanOptions(), id="seed"),
+    pytest.param(_scenario(), FACTS, PlanOptions(), id="mixed"),
+    pytest.param(_scenario(), FACTS, PlanOptions(intercept_target=False), id="no-target-intercept"),
+    pytest.param([SEED], _NO_CONNECTORS, PlanOptions(), id="no-connector-ip"),
+    # Bug: one ES listing the same source service twice (two source IPs) yields two rules
+    # intercepting the same destinations, which SidecarConfig.from_dict rejects.
+    pytest.param([_es("es1", [(SVC1, IP1), (SVC1, IP2)])], FACTS, PlanOptions(),
+                 id="same-service-twice-in-one-es"),
+    # Bug: no connector ClusterIP yet and intercept_target=False yields a rule intercepting
+    # nothing, which SidecarConfig.from_dict rejects ("must list at least one destination").
+    pytest.param([SEED], _NO_CONNECTORS, PlanOptions(intercept_target=False),
+                 id="no-connector-ip-and-no-target-intercept"),
+    # Bug: two ports of one ES with the same targetPort (valid in a Service) yield two rules
+    # that both intercept targetIP:targetPort, which SidecarConfig.from_dict rejects.
+    pytest.param([_es("es1", [(SVC1, IP1)], [{"port": 80, "targetPort": 8080},
+                                             {"port": 81, "targetPort": 8080}])],
+                 FACTS, PlanOptions(), id="two-ports-same-target-port"),
+]
+
+
+@pytest.mark.parametrize(("externalservices", "facts", "options"), VALIDITY_CASES)
+def test_planned_configs_pass_validation(externalservices: list[ExternalService],
+                                         facts: ClusterFacts, options: PlanOptions) -> None:
+    result = plan(externalservices, facts, KEYS, options)
+    for config in result.sidecars.values():
+        assert SidecarConfig.from_dict(config.to_dict()) == config
+    assert GatewayConfig.from_dict(result.gateway.to_dict()) == result.gateway
+
+
+def test_seed_spec_helper_matches_manifest() -> None:
+    assert ExternalServiceSpec.from_dict(seed_spec()) == SEED.spec
