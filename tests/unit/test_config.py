@@ -276,7 +276,8 @@ SIDECAR_ERRORS = [
     # one destination intercepted by two rules
     pytest.param(("rules", 1),
                  _rule("b", [("10.96.0.11", 80), ("10.96.0.10", 8000)], "192.168.122.200", KEY_A),
-                 "rules[1].intercept[1]", "10.96.0.10:8000", id="intercept-duplicated-across-rules"),
+                 "rules[1].intercept[1]", "10.96.0.10:8000",
+                 id="intercept-duplicated-across-rules"),
     # a rule intercepting its own gateway's SSH endpoint, and another rule's
     pytest.param(("rules", 0, "intercept", 2), {"address": "192.168.122.200", "port": 2022},
                  "rules[0].intercept[2]", "192.168.122.200:2022", id="intercepts-own-gateway"),

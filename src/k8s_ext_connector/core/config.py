@@ -306,10 +306,15 @@ def parse_document(text: str, origin: str) -> object:
         return yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else "document"
-        raise ConfigError(
-            origin, where, f"is not valid YAML/JSON ({getattr(error, 'problem', error)})"
-        ) from None
+        position = getattr(error, "position", None)  # reader errors: bad characters
+        if mark is not None:
+            where = f"line {mark.line + 1}"
+        elif position is not None:
+            where = f"character {position}"
+        else:
+            where = "document"
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(origin, where, f"is not valid YAML/JSON ({problem})") from None
 
 
 def load_sidecar_config(path: Path) -> SidecarConfig:
@@ -322,9 +327,11 @@ def load_gateway_config(path: Path) -> GatewayConfig:
 
 def _read(path: Path) -> object:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(str(path), error.strerror, "cannot be read") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(str(path), f"byte {error.start}", "is not UTF-8 text") from None
     return parse_document(text, str(path))
 
 

@@ -119,9 +119,11 @@ def comment(text: str) -> str:
 
 
 def _save_quote(text: str) -> str:
-    if re.fullmatch(r"[A-Za-z0-9_.:/@+-]+", text):
+    """iptables-save (1.8, nft and legacy) leaves only [A-Za-z0-9_-] bare, escapes \\ " '."""
+    if re.fullmatch(r"[A-Za-z0-9_-]+", text):
         return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("'", "\\'")
+    return f'"{escaped}"'
 
 
 class Iptables(Protocol):

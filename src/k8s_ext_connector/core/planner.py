@@ -105,15 +105,22 @@ def plan(
             )
             for port in es.spec.ports:
                 target = Endpoint(es.spec.target_ip, port.target_port)
-                caught = _intercepted(connector_ip, port.port, target, options)
-                rules[source.service].append(
-                    EgressRule(
-                        name=f"{es.ref}:{port.port}",
-                        intercept=caught,
-                        gateway=gateway,
-                        target=target,
-                    )
+                # Within one ExternalService two ports may share a targetPort: the target
+                # itself is intercepted once, by the first of them.
+                caught = tuple(
+                    destination
+                    for destination in _intercepted(connector_ip, port.port, target, options)
+                    if (source.service, destination) not in intercepts
                 )
+                if caught:  # else nothing to catch yet (no ClusterIP, target not intercepted)
+                    rules[source.service].append(
+                        EgressRule(
+                            name=f"{es.ref}:{port.port}",
+                            intercept=caught,
+                            gateway=gateway,
+                            target=target,
+                        )
+                    )
                 allow[source.source_ip][source.service].add(target)
                 claims[(source.source_ip, target)] = (source.service, es.ref)
                 for destination in caught:
@@ -166,8 +173,15 @@ def _problems(
     found: list[str] = []
     own_claims: dict[tuple[str, Endpoint], ServiceRef] = {}
     connector_ip = facts.connector_ips.get(es.ref)
+    listed: dict[ServiceRef, int] = {}
     for i, source in enumerate(es.spec.sources):
         where = f"spec.sources[{i}]"
+        if source.service in listed:
+            found.append(
+                f"{where}.service: {source.service} is already listed in "
+                f"spec.sources[{listed[source.service]}]; its pods leave with one source IP"
+            )
+        listed.setdefault(source.service, i)
         if source.service not in facts.source_services:
             found.append(f"{where}.service: Service {source.service} does not exist")
         if source.service not in keys.client_keys:
