@@ -59,6 +59,8 @@ SSH_LOCAL_HTTP_TTY = 28000
 SSHD_RUN_DIR = Path("/run/sshd")  # sshd's privilege-separation chroot; must exist
 REQUEST = b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n"
 NOFILE = 20_000
+# What sshd logs for the readiness probe (connect, then close before the SSH banner).
+PROBE_NOISE = "kex_exchange_identification: Connection closed by remote host"
 
 
 # ---- client workers (run inside the pod netns, one process per measurement) ----------------
@@ -306,6 +308,10 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def open_fds(pids: list[int]) -> int:
+    return sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in pids)
+
+
 def pids_named(ns: str, comm: str) -> list[int]:
     from k8s_ext_connector.lab import netns
 
@@ -368,6 +374,7 @@ class PathResult:
     rss_per_1000_mb: float | None = None
     held_seconds: float | None = None
     held_errors: int = 0
+    fds_leaked: int | None = None
     burst_errors: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -386,9 +393,10 @@ def measure(ns: str, ext_ns: str, path: Endpoints, settings: Settings) -> PathRe
     if warm["errors"]:
         raise BenchError(f"{path.name}: warm-up failed: {warm['errors']}")
 
+    pids = path.tunnel_pids() if path.tunnel_pids else []
+    fds_before = open_fds(pids) if pids else 0
     n = settings.idle_connections
     _step(f"{path.name}: {n} idle connections held through the path")
-    pids = path.tunnel_pids() if path.tunnel_pids else []
     before = rss_kb(pids) if pids else 0
     hold = subprocess.Popen(_worker_argv(ns, "hold", {"host": sink_host, "port": sink_port,
                                                       "count": n}),
@@ -475,6 +483,11 @@ def measure(ns: str, ext_ns: str, path: Endpoints, settings: Settings) -> PathRe
     result.throughput_errors = tput["errors"]
     if tput["errors"]:
         result.notes.append(f"throughput: {tput['errors']}")
+    if pids:  # every connection of every phase has ended: the fds should be back
+        deadline = time.monotonic() + 5
+        while (leaked := open_fds(pids) - fds_before) > 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        result.fds_leaked = leaked
     return result
 
 
@@ -626,7 +639,7 @@ def log_anomalies(process: Process, every_line: bool = False) -> list[str]:
     nothing else, so there every line counts)."""
     words = ("WARNING", "ERROR", "Traceback", "refusing")
     interesting = [line for line in process.output().splitlines() if line.strip() and (
-        every_line or any(word in line for word in words))]
+        every_line or any(word in line for word in words)) and PROBE_NOISE not in line]
     if not interesting:
         return []
     shown = "; ".join(line[-160:] for line in interesting[:3])
@@ -738,6 +751,8 @@ def table_rows(results: list[PathResult], settings: Settings) -> list[list[str]]
         row(f"errors, {settings.idle_connections} concurrent held connections",
             lambda r: r.held_errors, 0, ratio=False),
         row(f"errors, {settings.burst} GETs at once", lambda r: r.burst_errors, 0, ratio=False),
+        row("tunnel fds still open after all phases, minus before", lambda r: r.fds_leaked, 0,
+            ratio=False),
     ]
 
 
@@ -886,6 +901,7 @@ def main(argv: list[str]) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))  # inherited by sshd, ssh, agents
     # SIGTERM unwinds like Ctrl-C, so the lab is closed by the same finally/with blocks.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
     env = environment()
     started = time.monotonic()
     try:
@@ -893,6 +909,9 @@ def main(argv: list[str]) -> int:
     except BenchError as error:
         print(f"dataplane.py: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("dataplane.py: interrupted; lab removed", file=sys.stderr)
+        return 130
     elapsed = time.monotonic() - started
     rows, goals = table_rows(results, settings), targets(results, settings)
     print(render_text(rows))

@@ -37,6 +37,17 @@ from k8s_ext_connector.core.config import (
 )
 
 
+class Problem(str):
+    """A user-facing sentence (what and where) with a CamelCase ``reason`` for conditions."""
+
+    reason: str
+
+    def __new__(cls, reason: str, message: str) -> Problem:
+        problem = super().__new__(cls, message)
+        problem.reason = reason
+        return problem
+
+
 @dataclass(frozen=True)
 class SourceServiceFacts:
     """What the cluster says about a source Service (ports matter for ingress, later)."""
@@ -74,7 +85,7 @@ class PlanOptions:
 class Plan:
     sidecars: Mapping[ServiceRef, SidecarConfig]
     gateway: GatewayConfig
-    problems: Mapping[ServiceRef, tuple[str, ...]] = field(default_factory=dict)
+    problems: Mapping[ServiceRef, tuple[Problem, ...]] = field(default_factory=dict)
 
 
 def plan(
@@ -89,7 +100,7 @@ def plan(
     claims: dict[tuple[str, Endpoint], tuple[ServiceRef, ServiceRef]] = {}
     # (source service, intercepted destination) -> ExternalService that owns it
     intercepts: dict[tuple[ServiceRef, Endpoint], ServiceRef] = {}
-    problems: dict[ServiceRef, tuple[str, ...]] = {}
+    problems: dict[ServiceRef, tuple[Problem, ...]] = {}
 
     for es in externalservices:
         found = _problems(es, facts, keys, claims, intercepts, options)
@@ -168,9 +179,9 @@ def _problems(
     claims: Mapping[tuple[str, Endpoint], tuple[ServiceRef, ServiceRef]],
     intercepts: Mapping[tuple[ServiceRef, Endpoint], ServiceRef],
     options: PlanOptions,
-) -> tuple[str, ...]:
+) -> tuple[Problem, ...]:
     """Everything that keeps ``es`` out of the plan, as user-facing sentences."""
-    found: list[str] = []
+    found: list[Problem] = []
     own_claims: dict[tuple[str, Endpoint], ServiceRef] = {}
     connector_ip = facts.connector_ips.get(es.ref)
     listed: dict[ServiceRef, int] = {}
@@ -178,16 +189,33 @@ def _problems(
         where = f"spec.sources[{i}]"
         if source.service in listed:
             found.append(
-                f"{where}.service: {source.service} is already listed in "
-                f"spec.sources[{listed[source.service]}]; its pods leave with one source IP"
+                Problem(
+                    "SourceListedTwice",
+                    f"{where}.service: {source.service} is already listed in "
+                    f"spec.sources[{listed[source.service]}]; its pods leave with one source IP",
+                )
             )
         listed.setdefault(source.service, i)
         if source.service not in facts.source_services:
-            found.append(f"{where}.service: Service {source.service} does not exist")
+            found.append(
+                Problem(
+                    "SourceServiceNotFound",
+                    f"{where}.service: Service {source.service} does not exist",
+                )
+            )
         if source.service not in keys.client_keys:
-            found.append(f"{where}.service: no client key issued yet for {source.service}")
+            found.append(
+                Problem(
+                    "ClientKeyPending",
+                    f"{where}.service: no client key issued yet for {source.service}",
+                )
+            )
         if source.source_ip not in keys.gateway_host_keys:
-            found.append(f"{where}.sourceIP: {source.source_ip} is held by no gateway")
+            found.append(
+                Problem(
+                    "NoGatewayNode", f"{where}.sourceIP: {source.source_ip} is held by no gateway"
+                )
+            )
         for port in es.spec.ports:
             target = Endpoint(es.spec.target_ip, port.target_port)
             claim = (source.source_ip, target)
@@ -199,15 +227,21 @@ def _problems(
                     else "this ExternalService"
                 )
                 found.append(
-                    f"{where}.sourceIP: {source.source_ip} already carries {other} to {target} "
-                    f"(in {owner}); the server could not tell the two apart on the way back"
+                    Problem(
+                        "SourceIPConflict",
+                        f"{where}.sourceIP: {source.source_ip} already carries {other} to {target} "
+                        f"(in {owner}); the server could not tell the two apart on the way back",
+                    )
                 )
             own_claims[claim] = source.service
             for destination in _intercepted(connector_ip, port.port, target, options):
                 holder = intercepts.get((source.service, destination))
                 if holder is not None and holder != es.ref:
                     found.append(
-                        f"{where}.service: pods of {source.service} already reach {destination} "
-                        f"through ExternalService {holder}"
+                        Problem(
+                            "DestinationConflict",
+                            f"{where}.service: pods of {source.service} already reach "
+                            f"{destination} through ExternalService {holder}",
+                        )
                     )
     return tuple(dict.fromkeys(found))

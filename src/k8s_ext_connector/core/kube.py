@@ -1,0 +1,232 @@
+"""A small asynchronous Kubernetes API client: the few calls the operator makes itself.
+
+kopf does the watching; this client does the writes (Services, ConfigMaps, Secrets,
+status, Leases). Each call names its resource, so the RBAC the code needs can be derived
+from the calls (``operator/rbac.py``). Errors are mapped once: ``NotFound``/``Conflict``
+for the cases callers handle, ``TransientError`` for what deserves a retry (5xx, 429,
+connection problems), ``ApiError`` for the rest.
+
+Credentials: the in-cluster service account, else ``$KUBECONFIG`` / ``~/.kube/config``
+(token, client certificate, or none for a local test API). Never logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import ssl
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from k8s_ext_connector import __version__
+from k8s_ext_connector.core.errors import TransientError
+
+USER_AGENT = f"k8s-ext-connector/{__version__}"
+SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+@dataclass(frozen=True)
+class Resource:
+    """An API resource as RBAC names it (group "" is core)."""
+
+    group: str
+    version: str
+    plural: str
+    namespaced: bool = True
+
+    def path(
+        self, namespace: str | None = None, name: str | None = None, subresource: str | None = None
+    ) -> str:
+        base = f"/api/{self.version}" if not self.group else f"/apis/{self.group}/{self.version}"
+        parts = [base]
+        if self.namespaced and namespace:
+            parts.append(f"namespaces/{namespace}")
+        parts.append(self.plural)
+        if name:
+            parts.append(name)
+        if subresource:
+            parts.append(subresource)
+        return "/".join(parts)
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+
+SERVICES = Resource("", "v1", "services")
+CONFIGMAPS = Resource("", "v1", "configmaps")
+SECRETS = Resource("", "v1", "secrets")
+EVENTS = Resource("", "v1", "events")
+LEASES = Resource("coordination.k8s.io", "v1", "leases")
+EXTERNALSERVICES = Resource("submariner.io", "v1alpha1", "externalservices")
+
+
+class ApiError(RuntimeError):
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        self.status = status
+        self.reason = reason
+        super().__init__(f"HTTP {status} {reason}: {message}")
+
+
+class NotFound(ApiError):
+    pass
+
+
+class Conflict(ApiError):
+    """409: AlreadyExists on create, or a stale resourceVersion on update."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    server: str
+    token: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def __repr__(self) -> str:  # keep the token out of logs and tracebacks
+        return f"Credentials(server={self.server!r})"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if not self.server.startswith("https"):
+            return None
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if self.cert_file and self.key_file:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+
+def load_credentials(kubeconfig: str | None = None) -> Credentials:
+    if kubeconfig is None and (SERVICE_ACCOUNT / "token").exists():
+        host = os.environ["KUBERNETES_SERVICE_HOST"]
+        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        return Credentials(
+            server=f"https://{host}:{port}",
+            token=(SERVICE_ACCOUNT / "token").read_text().strip(),
+            ca_file=str(SERVICE_ACCOUNT / "ca.crt"),
+        )
+    path = kubeconfig or os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
+    config = yaml.safe_load(Path(path).read_text())
+    current = config.get("current-context")
+    context = next(c["context"] for c in config["contexts"] if c["name"] == current)
+    cluster = next(c["cluster"] for c in config["clusters"] if c["name"] == context["cluster"])
+    users = [
+        u.get("user") or {} for u in config.get("users") or [] if u["name"] == context.get("user")
+    ]
+    user = users[0] if users else {}
+    return Credentials(
+        server=cluster["server"].rstrip("/"),
+        token=user.get("token"),
+        ca_file=_materialise(cluster, "certificate-authority"),
+        cert_file=_materialise(user, "client-certificate"),
+        key_file=_materialise(user, "client-key"),
+    )
+
+
+def _materialise(section: dict[str, Any], key: str) -> str | None:
+    """kubeconfig gives files or inline base64 data; ssl wants files."""
+    if section.get(key):
+        return str(section[key])
+    data = section.get(f"{key}-data")
+    if not data:
+        return None
+    handle = tempfile.NamedTemporaryFile(delete=False, prefix="extconn-", suffix=".pem")  # noqa: SIM115
+    os.chmod(handle.name, 0o600)
+    handle.write(base64.b64decode(data))
+    handle.close()
+    return handle.name
+
+
+class KubeClient:
+    def __init__(self, credentials: Credentials) -> None:
+        self._credentials = credentials
+        headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+        if credentials.token:
+            headers["Authorization"] = f"Bearer {credentials.token}"
+        self._headers = headers
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> KubeClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            context = self._credentials.ssl_context()
+            connector = aiohttp.TCPConnector(ssl=context if context is not None else False)
+            self._session = aiohttp.ClientSession(
+                base_url=self._credentials.server,
+                headers=self._headers,
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=30),
+            )
+        return self._session
+
+    async def _call(
+        self, method: str, path: str, body: object = None, content_type: str = "application/json"
+    ) -> dict[str, Any]:
+        try:
+            async with self._http().request(
+                method, path, json=body, headers={"Content-Type": content_type}
+            ) as response:
+                payload = (
+                    await response.json(content_type=None) if response.content_length != 0 else {}
+                )
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise TransientError(f"{method} {path}: {error}") from None
+        if status < 300:
+            return payload if isinstance(payload, dict) else {}
+        reason = str(payload.get("reason", "")) if isinstance(payload, dict) else ""
+        message = str(payload.get("message", "")) if isinstance(payload, dict) else ""
+        if status == 404:
+            raise NotFound(status, reason or "NotFound", message)
+        if status == 409:
+            raise Conflict(status, reason or "Conflict", message)
+        if status >= 500 or status == 429:
+            raise TransientError(f"{method} {path}: HTTP {status} {reason}: {message}")
+        raise ApiError(status, reason, message)
+
+    async def get(self, resource: Resource, namespace: str | None, name: str) -> dict[str, Any]:
+        return await self._call("GET", resource.path(namespace, name))
+
+    async def create(
+        self, resource: Resource, namespace: str | None, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        return await self._call("POST", resource.path(namespace), body)
+
+    async def replace(
+        self, resource: Resource, namespace: str | None, name: str, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        return await self._call("PUT", resource.path(namespace, name), body)
+
+    async def merge_patch(
+        self,
+        resource: Resource,
+        namespace: str | None,
+        name: str,
+        patch: dict[str, Any],
+        subresource: str | None = None,
+    ) -> dict[str, Any]:
+        return await self._call(
+            "PATCH",
+            resource.path(namespace, name, subresource),
+            patch,
+            "application/merge-patch+json",
+        )
+
+    async def delete(self, resource: Resource, namespace: str | None, name: str) -> None:
+        with contextlib.suppress(NotFound):
+            await self._call("DELETE", resource.path(namespace, name))

@@ -1,0 +1,449 @@
+"""The operator's pure core: observed snapshot + keys -> every object it should own, and
+the status of every ExternalService.
+
+Objects owned (all labelled ``app.kubernetes.io/managed-by=k8s-ext-connector``):
+
+- per ExternalService: a selector-less ClusterIP Service ``<name>`` in the connector
+  namespace exposing the spec's ports (clients resolve ``<name>.<connector ns>``);
+- per source Service: ConfigMap ``ext-connector-<service>`` in its namespace with
+  ``sidecar.yaml`` (what the injected sidecar mounts) and the client public key as an
+  annotation (the record of which key was issued; the operator never reads Secrets back);
+- one ConfigMap ``ext-connector-gateway`` in the connector namespace with ``<node>.yaml``
+  per eligible gateway node, and the nodes' public host keys as an annotation.
+
+Private keys are not part of this module: ``keys.py`` issues them into Secrets.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from k8s_ext_connector.core.api import ServiceRef
+from k8s_ext_connector.core.config import GatewayConfig, SidecarConfig, SourceIPConfig, dump
+from k8s_ext_connector.core.planner import (
+    ClusterFacts,
+    KeyMaterial,
+    PlanOptions,
+    Problem,
+    SourceServiceFacts,
+    plan,
+)
+from k8s_ext_connector.operator.assign import assign_gateways, eligible_nodes
+from k8s_ext_connector.operator.snapshot import (
+    HOST_KEYS_ANNOTATION,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    PUBLIC_KEY_ANNOTATION,
+    ExternalServiceRecord,
+    NodeRecord,
+    PodRecord,
+    ServiceRecord,
+    selects,
+)
+
+GATEWAY_CONFIGMAP = "ext-connector-gateway"
+EXTERNALSERVICE_LABEL = "ext-connector.submariner.io/externalservice"
+SOURCE_LABEL = "ext-connector.submariner.io/source-service"
+MAX_PODS_NAMED = 5
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    connector_namespace: str = "external-services"
+    gateway_label: tuple[str, str] = ("ext-connector.submariner.io/gateway", "true")
+    ssh_port: int = 2022
+    listen_port: int = 15001
+    intercept_target: bool = True
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    externalservices: Sequence[ExternalServiceRecord]  # oldest first: earlier claims win
+    services: Mapping[ServiceRef, ServiceRecord]
+    nodes: Sequence[NodeRecord]
+    pods: Sequence[PodRecord]
+
+
+@dataclass(frozen=True)
+class KeyBook:
+    """Public keys issued so far (from the ConfigMaps that record them)."""
+
+    clients: Mapping[ServiceRef, str] = field(default_factory=dict)
+    hosts: Mapping[str, str] = field(default_factory=dict)  # node -> host public key
+
+
+def sidecar_configmap_name(service: ServiceRef) -> str:
+    return f"ext-connector-{service.name}"
+
+
+def client_secret_name(service: ServiceRef) -> str:
+    return f"ext-connector-{service.name}-key"
+
+
+def host_key_secret_name(node: str) -> str:
+    return f"ext-connector-gateway-{node}-host-key"
+
+
+def managed_labels(**extra: str) -> dict[str, str]:
+    return {MANAGED_BY_LABEL: MANAGED_BY, **extra}
+
+
+@dataclass(frozen=True)
+class Desired:
+    services: Mapping[tuple[str, str], dict[str, Any]]  # (namespace, name) -> manifest
+    configmaps: Mapping[tuple[str, str], dict[str, Any]]
+    statuses: Mapping[ServiceRef, dict[str, Any]]  # ExternalService -> status (no timestamps)
+    assignment: Mapping[str, str | None]
+    needs_client_keys: tuple[ServiceRef, ...]
+    needs_host_keys: tuple[str, ...]
+
+
+def active(snapshot: Snapshot) -> list[ExternalServiceRecord]:
+    return [es for es in snapshot.externalservices if not es.deleting]
+
+
+def referenced_services(snapshot: Snapshot) -> list[ServiceRef]:
+    """Source services of valid, live ExternalServices that exist: they need a client key."""
+    refs = {
+        source.service
+        for es in active(snapshot)
+        if es.spec is not None
+        for source in es.spec.sources
+        if source.service in snapshot.services
+    }
+    return sorted(refs)
+
+
+def previous_assignment(snapshot: Snapshot) -> dict[str, str]:
+    previous: dict[str, str] = {}
+    for es in snapshot.externalservices:
+        for source in es.status.get("sources") or []:
+            if isinstance(source, Mapping) and source.get("gatewayNode"):
+                previous.setdefault(str(source.get("sourceIP")), str(source["gatewayNode"]))
+    return previous
+
+
+def compute(snapshot: Snapshot, keys: KeyBook, settings: OperatorSettings) -> Desired:
+    live = active(snapshot)
+    gateways = eligible_nodes(snapshot.nodes, settings.gateway_label)
+    source_ips = [s.source_ip for es in live if es.spec for s in es.spec.sources]
+    assignment = assign_gateways(source_ips, gateways, previous_assignment(snapshot))
+
+    # Connector Services: one per ExternalService name; the oldest claim on a name wins.
+    name_owner: dict[str, ServiceRef] = {}
+    name_conflicts: dict[ServiceRef, Problem] = {}
+    for es in live:
+        owner = name_owner.setdefault(es.name, es.ref)
+        if owner != es.ref:
+            name_conflicts[es.ref] = Problem(
+                "NameConflict",
+                f"metadata.name: {es.name!r} is already used by ExternalService {owner}; "
+                f"both would be {es.name}.{settings.connector_namespace}",
+            )
+    services: dict[tuple[str, str], dict[str, Any]] = {}
+    for es in live:
+        if es.spec is not None and es.ref not in name_conflicts:
+            services[(settings.connector_namespace, es.name)] = _connector_service(es, settings)
+
+    connector_ips = {
+        es.ref: record.cluster_ip
+        for es in live
+        if (record := snapshot.services.get(ServiceRef(settings.connector_namespace, es.name)))
+        and record.cluster_ip
+        and (settings.connector_namespace, es.name) in services
+    }
+    facts = ClusterFacts(
+        connector_ips=connector_ips,
+        source_services={
+            ref: SourceServiceFacts(record.cluster_ip, record.ports)
+            for ref, record in snapshot.services.items()
+        },
+    )
+    host_keys = {
+        ip: keys.hosts[node]
+        for ip, node in assignment.items()
+        if node is not None and node in keys.hosts
+    }
+    plannable = [es.parsed for es in live if es.parsed and es.ref not in name_conflicts]
+    result = plan(
+        [es for es in plannable if es is not None],
+        facts,
+        KeyMaterial(client_keys=keys.clients, gateway_host_keys=host_keys),
+        PlanOptions(settings.ssh_port, settings.listen_port, settings.intercept_target),
+    )
+
+    configmaps: dict[tuple[str, str], dict[str, Any]] = {}
+    for service in referenced_services(snapshot):
+        if service not in keys.clients:
+            continue
+        config = result.sidecars.get(
+            service, SidecarConfig(rules=(), listen_port=settings.listen_port)
+        )
+        configmaps[(service.namespace, sidecar_configmap_name(service))] = _sidecar_configmap(
+            service, config, keys.clients[service]
+        )
+    configmaps[(settings.connector_namespace, GATEWAY_CONFIGMAP)] = _gateway_configmap(
+        result.gateway, assignment, gateways, keys, settings
+    )
+
+    statuses = {
+        es.ref: _status(
+            es, snapshot, result.problems, name_conflicts, connector_ips, assignment, settings
+        )
+        for es in live
+    }
+    return Desired(
+        services=services,
+        configmaps=configmaps,
+        statuses=statuses,
+        assignment=assignment,
+        needs_client_keys=tuple(s for s in referenced_services(snapshot) if s not in keys.clients),
+        needs_host_keys=tuple(n for n in gateways if n not in keys.hosts),
+    )
+
+
+def _connector_service(es: ExternalServiceRecord, settings: OperatorSettings) -> dict[str, Any]:
+    assert es.spec is not None
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": es.name,
+            "namespace": settings.connector_namespace,
+            "labels": managed_labels(**{EXTERNALSERVICE_LABEL: f"{es.namespace}.{es.name}"}),
+        },
+        "spec": {
+            "type": "ClusterIP",
+            # No selector and no endpoints: only intercepted traffic gets anywhere; any
+            # other client is refused by kube-proxy instead of leaking with a node's IP.
+            "ports": [
+                {
+                    "name": p.name or f"tcp-{p.port}",
+                    "protocol": "TCP",
+                    "port": p.port,
+                    "targetPort": p.target_port,
+                }
+                for p in es.spec.ports
+            ],
+        },
+    }
+
+
+def _sidecar_configmap(
+    service: ServiceRef, config: SidecarConfig, public_key: str
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": sidecar_configmap_name(service),
+            "namespace": service.namespace,
+            "labels": managed_labels(**{SOURCE_LABEL: service.name}),
+            "annotations": {PUBLIC_KEY_ANNOTATION: public_key},
+        },
+        "data": {"sidecar.yaml": dump(config)},
+    }
+
+
+def _gateway_configmap(
+    planned: GatewayConfig,
+    assignment: Mapping[str, str | None],
+    gateways: list[str],
+    keys: KeyBook,
+    settings: OperatorSettings,
+) -> dict[str, Any]:
+    data = {}
+    for node in gateways:
+        sources: tuple[SourceIPConfig, ...] = tuple(
+            s for s in planned.sources if assignment.get(s.source_ip) == node
+        )
+        data[f"{node}.yaml"] = dump(GatewayConfig(sources=sources, ssh_port=settings.ssh_port))
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": GATEWAY_CONFIGMAP,
+            "namespace": settings.connector_namespace,
+            "labels": managed_labels(),
+            "annotations": {HOST_KEYS_ANNOTATION: json.dumps(dict(sorted(keys.hosts.items())))},
+        },
+        "data": data,
+    }
+
+
+def _condition(kind: str, ok: bool, reason: str, message: str) -> dict[str, Any]:
+    return {"type": kind, "status": "True" if ok else "False", "reason": reason, "message": message}
+
+
+def _status(
+    es: ExternalServiceRecord,
+    snapshot: Snapshot,
+    problems: Mapping[ServiceRef, tuple[Problem, ...]],
+    name_conflicts: Mapping[ServiceRef, Problem],
+    connector_ips: Mapping[ServiceRef, str],
+    assignment: Mapping[str, str | None],
+    settings: OperatorSettings,
+) -> dict[str, Any]:
+    status: dict[str, Any] = {"observedGeneration": es.generation}
+    if es.spec is None:
+        accepted = _condition("Accepted", False, "InvalidSpec", es.invalid)
+        ready = _condition("Ready", False, "InvalidSpec", "fix the spec: " + es.invalid)
+        status.update(sourceCount=0, ready="0/0", conditions=[accepted, ready], sources=[])
+        return status
+
+    found = list(problems.get(es.ref, ())) + (
+        [name_conflicts[es.ref]] if es.ref in name_conflicts else []
+    )
+    # A missing host key only means the gateway is not assigned yet: GatewayAssigned says so.
+    blocking = [p for p in found if p.reason not in ("NoGatewayNode", "ClientKeyPending")]
+    accepted = (
+        _condition("Accepted", False, blocking[0].reason, "; ".join(blocking))
+        if blocking
+        else _condition("Accepted", True, "Valid", "the spec is valid")
+    )
+    label = "=".join(settings.gateway_label)
+    unheld = sorted({s.source_ip for s in es.spec.sources if assignment.get(s.source_ip) is None})
+    gateway = (
+        _condition(
+            "GatewayAssigned",
+            False,
+            "NoGatewayNode",
+            f"no Ready node labelled {label} can hold {', '.join(unheld)}; label one: "
+            f"kubectl label node <node> {label}",
+        )
+        if unheld
+        else _condition("GatewayAssigned", True, "Assigned", "every source IP has a gateway node")
+    )
+
+    sources = []
+    missing_sidecars: list[str] = []
+    not_ready: list[str] = []
+    ready_count = 0
+    for source in es.spec.sources:
+        record = snapshot.services.get(source.service)
+        pods = [
+            p
+            for p in snapshot.pods
+            if record is not None
+            and p.namespace == source.service.namespace
+            and p.running
+            and selects(record.selector, p.labels)
+        ]
+        without = sorted(f"{p.namespace}/{p.name}" for p in pods if not p.has_sidecar)
+        ready_pods = [p for p in pods if p.sidecar_ready]
+        missing_sidecars += without
+        not_ready += sorted(
+            f"{p.namespace}/{p.name}" for p in pods if p.has_sidecar and not p.sidecar_ready
+        )
+        node = assignment.get(source.source_ip)
+        is_ready = bool(pods) and len(ready_pods) == len(pods) and node is not None and not found
+        ready_count += is_ready
+        entry: dict[str, Any] = {
+            "service": str(source.service),
+            "sourceIP": source.source_ip,
+            "podsSelected": len(pods),
+            "podsReady": len(ready_pods),
+        }
+        if node is not None:
+            entry["gatewayNode"] = node
+        if without:
+            entry["podsWithoutSidecar"] = without[:MAX_PODS_NAMED]
+        sources.append(entry)
+
+    if missing_sidecars:
+        named = ", ".join(missing_sidecars[:MAX_PODS_NAMED])
+        more = (
+            f" and {len(missing_sidecars) - MAX_PODS_NAMED} more"
+            if len(missing_sidecars) > MAX_PODS_NAMED
+            else ""
+        )
+        sidecars = _condition(
+            "SidecarsReady",
+            False,
+            "SidecarsMissing",
+            f"{len(missing_sidecars)} selected pods run without the forwarder sidecar "
+            f"({named}{more}); they were created before injection was possible: recreate them, e.g. "
+            "kubectl rollout restart deployment -n <namespace> <name>, in a namespace labelled "
+            "external-service-injection=enabled",
+        )
+    elif not_ready:
+        sidecars = _condition(
+            "SidecarsReady",
+            False,
+            "SidecarsNotReady",
+            f"sidecars not ready yet in {', '.join(not_ready[:MAX_PODS_NAMED])}",
+        )
+    elif not any(s["podsSelected"] for s in sources):
+        sidecars = _condition(
+            "SidecarsReady", False, "NoPods", "the source services select no running pods yet"
+        )
+    else:
+        sidecars = _condition(
+            "SidecarsReady", True, "AllReady", "every selected pod's sidecar is ready"
+        )
+
+    ready = _ready(accepted, gateway, sidecars, es.ref in connector_ips)
+    status.update(
+        clusterIP=connector_ips.get(es.ref, ""),
+        sourceCount=len(es.spec.sources),
+        ready=f"{ready_count}/{len(es.spec.sources)}",
+        conditions=[accepted, gateway, sidecars, ready],
+        sources=sources,
+    )
+    return status
+
+
+def _ready(
+    accepted: dict[str, Any],
+    gateway: dict[str, Any],
+    sidecars: dict[str, Any],
+    has_cluster_ip: bool,
+) -> dict[str, Any]:
+    for condition in (accepted, gateway):
+        if condition["status"] != "True":
+            return _condition("Ready", False, condition["reason"], condition["message"])
+    if not has_cluster_ip:
+        return _condition(
+            "Ready", False, "ServicePending", "the connector Service has no ClusterIP yet"
+        )
+    if sidecars["status"] != "True":
+        return _condition("Ready", False, sidecars["reason"], sidecars["message"])
+    return _condition("Ready", True, "TunnelsReady", "every source's tunnels are ready")
+
+
+def with_transition_times(
+    new: Sequence[Mapping[str, Any]], old: Sequence[Mapping[str, Any]], now: str
+) -> list[dict[str, Any]]:
+    """Keep lastTransitionTime where a condition's status did not change."""
+    previous = {c.get("type"): c for c in old if isinstance(c, Mapping)}
+    merged = []
+    for condition in new:
+        before = previous.get(condition["type"])
+        same = before is not None and before.get("status") == condition["status"]
+        stamp = before.get("lastTransitionTime", now) if same and before else now
+        merged.append({**condition, "lastTransitionTime": stamp})
+    return merged
+
+
+def condition_events(
+    new: Sequence[Mapping[str, Any]], old: Sequence[Mapping[str, Any]]
+) -> list[tuple[str, str, str]]:
+    """(type, reason, message) of Events for conditions that changed (status or reason)."""
+    previous = {c.get("type"): c for c in old if isinstance(c, Mapping)}
+    events = []
+    for condition in new:
+        before = previous.get(condition["type"])
+        if (
+            before
+            and before.get("status") == condition["status"]
+            and before.get("reason") == condition["reason"]
+        ):
+            continue
+        if condition["status"] == "False":
+            events.append(("Warning", condition["reason"], condition["message"]))
+        elif condition["type"] == "Ready":
+            events.append(("Normal", condition["reason"], condition["message"]))
+    return events

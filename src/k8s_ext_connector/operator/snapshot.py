@@ -1,0 +1,177 @@
+"""What the operator observes, reduced to typed, frozen records.
+
+The kopf indexes keep one record per watched object (``*_record`` functions), so a
+reconcile reads the whole picture from memory: no list call per reconcile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from k8s_ext_connector.core.api import ExternalService, ExternalServiceSpec, ServiceRef
+from k8s_ext_connector.core.errors import ConfigError
+
+SIDECAR_CONTAINER = "ext-connector"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "k8s-ext-connector"
+PUBLIC_KEY_ANNOTATION = "ext-connector.submariner.io/public-key"
+HOST_KEYS_ANNOTATION = "ext-connector.submariner.io/host-keys"
+
+
+@dataclass(frozen=True)
+class ExternalServiceRecord:
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    created: str
+    deleting: bool
+    spec: ExternalServiceSpec | None  # None when the spec is invalid
+    invalid: str = ""  # the one-line reason when spec is None
+    status: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> ServiceRef:
+        return ServiceRef(self.namespace, self.name)
+
+    @property
+    def parsed(self) -> ExternalService | None:
+        return ExternalService(self.namespace, self.name, self.spec) if self.spec else None
+
+
+@dataclass(frozen=True)
+class ServiceRecord:
+    ref: ServiceRef
+    cluster_ip: str | None
+    selector: tuple[tuple[str, str], ...]
+    ports: tuple[int, ...]
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    name: str
+    labels: tuple[tuple[str, str], ...]
+    ready: bool
+
+
+@dataclass(frozen=True)
+class PodRecord:
+    namespace: str
+    name: str
+    labels: tuple[tuple[str, str], ...]
+    has_sidecar: bool
+    sidecar_ready: bool
+    running: bool  # not Succeeded/Failed, not being deleted
+
+
+@dataclass(frozen=True)
+class ManagedConfigMap:
+    namespace: str
+    name: str
+    data: tuple[tuple[str, str], ...]
+    annotations: tuple[tuple[str, str], ...]
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+def _meta(body: Mapping[str, Any]) -> Mapping[str, Any]:
+    meta = body.get("metadata") or {}
+    return meta if isinstance(meta, Mapping) else {}
+
+
+def _pairs(value: object) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, Mapping):
+        return ()
+    return tuple(sorted((str(k), str(v)) for k, v in value.items()))
+
+
+def externalservice_record(body: Mapping[str, Any]) -> ExternalServiceRecord:
+    meta = _meta(body)
+    spec: ExternalServiceSpec | None = None
+    invalid = ""
+    try:
+        spec = ExternalServiceSpec.from_dict(body.get("spec"))
+    except ConfigError as error:
+        invalid = str(error)
+    status = body.get("status")
+    return ExternalServiceRecord(
+        namespace=str(meta.get("namespace", "")),
+        name=str(meta.get("name", "")),
+        uid=str(meta.get("uid", "")),
+        generation=int(meta.get("generation") or 0),
+        created=str(meta.get("creationTimestamp", "")),
+        deleting=bool(meta.get("deletionTimestamp")),
+        spec=spec,
+        invalid=invalid,
+        status=dict(status) if isinstance(status, Mapping) else {},
+    )
+
+
+def service_record(body: Mapping[str, Any]) -> ServiceRecord:
+    meta = _meta(body)
+    spec = body.get("spec") or {}
+    cluster_ip = spec.get("clusterIP")
+    ports = tuple(
+        int(p["port"]) for p in spec.get("ports") or [] if isinstance(p, Mapping) and "port" in p
+    )
+    return ServiceRecord(
+        ref=ServiceRef(str(meta.get("namespace", "")), str(meta.get("name", ""))),
+        cluster_ip=cluster_ip if cluster_ip and cluster_ip != "None" else None,
+        selector=_pairs(spec.get("selector")),
+        ports=ports,
+        labels=_pairs(meta.get("labels")),
+    )
+
+
+def node_record(body: Mapping[str, Any]) -> NodeRecord:
+    meta = _meta(body)
+    conditions = (body.get("status") or {}).get("conditions") or []
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in conditions
+        if isinstance(c, Mapping)
+    )
+    return NodeRecord(
+        name=str(meta.get("name", "")), labels=_pairs(meta.get("labels")), ready=ready
+    )
+
+
+def pod_record(body: Mapping[str, Any]) -> PodRecord:
+    meta = _meta(body)
+    spec = body.get("spec") or {}
+    status = body.get("status") or {}
+    containers = list(spec.get("initContainers") or []) + list(spec.get("containers") or [])
+    has_sidecar = any(c.get("name") == SIDECAR_CONTAINER for c in containers)
+    statuses = list(status.get("initContainerStatuses") or []) + list(
+        status.get("containerStatuses") or []
+    )
+    sidecar_ready = any(
+        s.get("name") == SIDECAR_CONTAINER and s.get("ready") is True for s in statuses
+    )
+    return PodRecord(
+        namespace=str(meta.get("namespace", "")),
+        name=str(meta.get("name", "")),
+        labels=_pairs(meta.get("labels")),
+        has_sidecar=has_sidecar,
+        sidecar_ready=sidecar_ready,
+        running=status.get("phase") not in ("Succeeded", "Failed")
+        and not meta.get("deletionTimestamp"),
+    )
+
+
+def configmap_record(body: Mapping[str, Any]) -> ManagedConfigMap:
+    meta = _meta(body)
+    return ManagedConfigMap(
+        namespace=str(meta.get("namespace", "")),
+        name=str(meta.get("name", "")),
+        data=_pairs(body.get("data")),
+        annotations=_pairs(meta.get("annotations")),
+        labels=_pairs(meta.get("labels")),
+    )
+
+
+def selects(selector: tuple[tuple[str, str], ...], labels: tuple[tuple[str, str], ...]) -> bool:
+    """A Service selector matches a pod; an empty selector selects nothing (as for Services)."""
+    return bool(selector) and set(selector) <= set(labels)
