@@ -13,8 +13,12 @@ Paths, all from one pod netns to the external server (see ``lab/topology.py``):
   connects to the ExternalService's ClusterIP and iptables redirects it to the sidecar.
 
 Every measurement runs in a separate client process inside the pod netns (``ip netns exec``),
-so the measuring process never shares a GIL with the load. Everything started here lives in
-the lab's namespaces and is removed on exit, failure or Ctrl-C.
+so the measuring process never shares a GIL with the load. OpenSSH's latency is also taken
+through an interactive ``ssh -tt`` session: only that one sets TCP_NODELAY, and with ``-N``
+Nagle plus delayed ACKs add ~40 ms per small response (the "-N" row is not a fair bar).
+
+Everything started here lives in the lab's namespaces and is removed on exit, failure or
+Ctrl-C (``/run/sshd`` too, when this run created it).
 
 Usage: ``.venv/bin/python bench/dataplane.py [--size BYTES] [--repeat N] [--quick]``
 """
@@ -208,12 +212,14 @@ def worker_hold(host: str, port: int, count: int) -> None:
     one is live end to end (1 byte in, byte count ``1`` back) and report errors."""
     sockets: list[socket.socket] = []
     open_errors: Counter[str] = Counter()
+    started = time.perf_counter()
     for _ in range(count):
         try:
             sockets.append(socket.create_connection((host, port), timeout=10))
         except OSError as error:
             open_errors[type(error).__name__] += 1
-    print(json.dumps({"opened": len(sockets), "errors": dict(open_errors)}), flush=True)
+    print(json.dumps({"opened": len(sockets), "errors": dict(open_errors),
+                      "seconds": time.perf_counter() - started}), flush=True)
     sys.stdin.readline()
     errors: Counter[str] = Counter(open_errors)
     live: list[socket.socket] = []
@@ -379,26 +385,14 @@ class PathResult:
     notes: list[str] = field(default_factory=list)
 
 
-def measure(ns: str, ext_ns: str, path: Endpoints, settings: Settings) -> PathResult:
-    """All figures for one path, in an order that keeps RSS from earlier phases out of the
-    memory figure (throughput, which grows buffers, comes last)."""
+def measure_held(ns: str, ext_ns: str, path: Endpoints, n: int, result: PathResult) -> None:
+    """Hold ``n`` idle sink connections; take the tunnel's RSS once all of them have reached
+    the server (counted there with ss), then check each one still carries data."""
     from k8s_ext_connector.lab.topology import SINK_PORT
 
-    result = PathResult(path.name)
-    sink_host, sink_port = path.sink
-    http_host, http_port = path.http
-
-    _step(f"{path.name}: warm-up")
-    warm = run_worker(ns, "burst", {"host": http_host, "port": http_port, "count": 20})
-    if warm["errors"]:
-        raise BenchError(f"{path.name}: warm-up failed: {warm['errors']}")
-
     pids = path.tunnel_pids() if path.tunnel_pids else []
-    fds_before = open_fds(pids) if pids else 0
-    n = settings.idle_connections
-    _step(f"{path.name}: {n} idle connections held through the path")
     before = rss_kb(pids) if pids else 0
-    hold = subprocess.Popen(_worker_argv(ns, "hold", {"host": sink_host, "port": sink_port,
+    hold = subprocess.Popen(_worker_argv(ns, "hold", {"host": path.sink[0], "port": path.sink[1],
                                                       "count": n}),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -417,11 +411,11 @@ def measure(ns: str, ext_ns: str, path: Endpoints, settings: Settings) -> PathRe
                 last, last_change = count, time.monotonic()
             elif time.monotonic() - last_change > 5:
                 break
-            time.sleep(0.1)
-        result.held_seconds = time.monotonic() - started
+            time.sleep(0.05)
+        result.held_seconds = opened["seconds"] + time.monotonic() - started
         if count < opened["opened"]:
             result.notes.append(f"only {count} of {opened['opened']} held connections reached "
-                                f"the server")
+                                "the server")
         time.sleep(0.5)
         if pids:
             pids = path.tunnel_pids() if path.tunnel_pids else []
@@ -439,6 +433,24 @@ def measure(ns: str, ext_ns: str, path: Endpoints, settings: Settings) -> PathRe
     result.held_errors = sum(final["errors"].values())
     if final["errors"]:
         result.notes.append(f"held connections: {final['errors']}")
+
+
+def measure(ns: str, ext_ns: str, path: Endpoints, settings: Settings) -> PathResult:
+    """All figures for one path, in an order that keeps RSS from earlier phases out of the
+    memory figure (throughput, which grows buffers, comes last)."""
+    result = PathResult(path.name)
+    sink_host, sink_port = path.sink
+    http_host, http_port = path.http
+
+    _step(f"{path.name}: warm-up")
+    warm = run_worker(ns, "burst", {"host": http_host, "port": http_port, "count": 20})
+    if warm["errors"]:
+        raise BenchError(f"{path.name}: warm-up failed: {warm['errors']}")
+
+    pids = path.tunnel_pids() if path.tunnel_pids else []
+    fds_before = open_fds(pids) if pids else 0
+    _step(f"{path.name}: {settings.idle_connections} idle connections held through the path")
+    measure_held(ns, ext_ns, path, settings.idle_connections, result)
 
     _step(f"{path.name}: {settings.burst} GETs at once")
     burst = run_worker(ns, "burst", {"host": http_host, "port": http_port,
@@ -746,8 +758,8 @@ def table_rows(results: list[PathResult], settings: Settings) -> list[list[str]]
         row("errors in the connection-rate run", lambda r: r.rate_errors, 0, ratio=False),
         row(f"tunnel RSS per 1,000 idle connections, MB ({settings.idle_connections} held)",
             lambda r: r.rss_per_1000_mb, 1),
-        row(f"seconds until all {settings.idle_connections} held connections reached the "
-            "server", lambda r: r.held_seconds, 2),
+        row(f"seconds to open {settings.idle_connections} held connections up to the server",
+            lambda r: r.held_seconds, 2),
         row(f"errors, {settings.idle_connections} concurrent held connections",
             lambda r: r.held_errors, 0, ratio=False),
         row(f"errors, {settings.burst} GETs at once", lambda r: r.burst_errors, 0, ratio=False),
@@ -851,6 +863,8 @@ def write_markdown(path: Path, command: str, env: dict[str, str], rows: list[lis
         "(~40 ms). The \"interactive session\" rows repeat the latency run through a second",
         "`ssh -tt ... sleep infinity` with the same options on the same sshd (direct and ours",
         "repeat their own figures there, so the ratios compare against that variant).",
+        "Each throughput run is one connection, timed from connect to the sink's byte-count",
+        "answer, so with a small `--size` that ~40 ms tail also lowers OpenSSH's MB/s.",
         "",
         render_markdown(rows),
         "",

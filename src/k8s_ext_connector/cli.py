@@ -29,6 +29,7 @@ def _keygen(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from k8s_ext_connector.gateway import main as gateway_main
     from k8s_ext_connector.lab import main as lab_main
+    from k8s_ext_connector.operator import main as operator_main
     from k8s_ext_connector.sidecar import main as sidecar_main
 
     parser = argparse.ArgumentParser(prog="k8s-ext-connector", description=__doc__.splitlines()[0])
@@ -42,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     sidecar = commands.add_parser("sidecar", help="per-pod forwarder (needs NET_ADMIN)")
     sidecar_main.add_arguments(sidecar)
     sidecar.set_defaults(handler=lambda a: sidecar_main.run(sidecar_main.settings_from(a)))
+
+    operator = commands.add_parser("operator", help="the kopf operator (control plane)")
+    operator_main.add_arguments(operator)
+    operator.set_defaults(handler=operator_main.run)
 
     keygen = commands.add_parser("keygen", help="write an Ed25519 SSH key pair (FILE, FILE.pub)")
     keygen.add_argument("--out", required=True, type=Path)

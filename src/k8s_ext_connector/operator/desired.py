@@ -365,9 +365,9 @@ def _status(
             False,
             "SidecarsMissing",
             f"{len(missing_sidecars)} selected pods run without the forwarder sidecar "
-            f"({named}{more}); they were created before injection was possible: recreate them, e.g. "
-            "kubectl rollout restart deployment -n <namespace> <name>, in a namespace labelled "
-            "external-service-injection=enabled",
+            f"({named}{more}); they were created before injection was possible: recreate "
+            "them, e.g. kubectl rollout restart deployment -n <namespace> <name>, in a "
+            "namespace labelled external-service-injection=enabled",
         )
     elif not_ready:
         sidecars = _condition(

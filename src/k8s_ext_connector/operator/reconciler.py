@@ -14,7 +14,7 @@ import base64
 import json
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -75,6 +75,7 @@ class Reconciler:
     _passes: int = 0
     _issued_clients: dict[ServiceRef, str] = field(default_factory=dict)
     _issued_hosts: dict[str, str] = field(default_factory=dict)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def trigger(self) -> None:
         self._dirty.set()
@@ -90,7 +91,7 @@ class Reconciler:
             await asyncio.sleep(DEBOUNCE)
             self._dirty.clear()
             try:
-                await self.reconcile_once()
+                await self.reconcile_exclusive()
                 backoff = 0.5
             except (TransientError, ApiError) as error:
                 log.warning("reconcile failed, retrying in %.1fs: %s", backoff, error)
@@ -119,9 +120,19 @@ class Reconciler:
         hosts.update(self._issued_hosts)
         return KeyBook(clients=clients, hosts=hosts)
 
-    async def reconcile_once(self) -> None:
+    async def reconcile_exclusive(self, deleting: ServiceRef | None = None) -> None:
+        """One pass at a time; ``deleting`` is treated as gone (its finalizer holds it)."""
+        async with self._lock:
+            await self.reconcile_once(deleting)
+
+    async def reconcile_once(self, deleting: ServiceRef | None = None) -> None:
         self._passes += 1
         snapshot = self.observed.snapshot()
+        if deleting is not None:
+            snapshot = replace(
+                snapshot,
+                externalservices=[es for es in snapshot.externalservices if es.ref != deleting],
+            )
         configmaps = self.observed.configmaps()
         keys = self._keybook(configmaps)
         desired = compute(snapshot, keys, self.settings)

@@ -1,0 +1,107 @@
+"""``k8s-ext-connector operator``: settings, leader election, then kopf's own runner."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+from k8s_ext_connector.core.errors import ConfigError
+from k8s_ext_connector.core.kube import KubeClient, load_credentials
+from k8s_ext_connector.core.run import run_agent, setup_logging
+from k8s_ext_connector.operator.desired import OperatorSettings
+from k8s_ext_connector.operator.leader import LeaderElector
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OperatorCommand:
+    settings: OperatorSettings
+    kubeconfig: str | None
+    leader_election: bool
+    identity: str
+    log_level: str
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--connector-namespace",
+        default="external-services",
+        help="namespace of the connector Services, gateway config and host keys",
+    )
+    parser.add_argument(
+        "--gateway-label",
+        default="ext-connector.submariner.io/gateway=true",
+        help="KEY=VALUE label of the nodes that may hold source IPs",
+    )
+    parser.add_argument("--ssh-port", type=int, default=2022, help="gateway SSH port")
+    parser.add_argument("--kubeconfig", help="default: in-cluster, then $KUBECONFIG")
+    parser.add_argument(
+        "--no-leader-election",
+        action="store_true",
+        help="run without a Lease (a single replica only)",
+    )
+    parser.add_argument("--identity", default=os.environ.get("POD_NAME") or socket.gethostname())
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+
+
+def command_from(args: argparse.Namespace) -> OperatorCommand:
+    key, sep, value = str(args.gateway_label).partition("=")
+    if not key or not sep:
+        raise ConfigError("--gateway-label", args.gateway_label, "must be KEY=VALUE")
+    if not 1 <= args.ssh_port <= 65535:
+        raise ConfigError("--ssh-port", args.ssh_port, "must be a TCP port number 1-65535")
+    return OperatorCommand(
+        settings=OperatorSettings(
+            connector_namespace=args.connector_namespace,
+            gateway_label=(key, value),
+            ssh_port=args.ssh_port,
+        ),
+        kubeconfig=args.kubeconfig,
+        leader_election=not args.no_leader_election,
+        identity=args.identity,
+        log_level=args.log_level,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    command = command_from(args)
+    setup_logging(command.log_level)
+    return run_agent(lambda: serve(command))
+
+
+async def serve(command: OperatorCommand, stop: asyncio.Event | None = None) -> None:
+    import kopf  # imported here: the agents' start-up should not pay for it
+
+    from k8s_ext_connector.operator.handlers import register
+
+    credentials = load_credentials(command.kubeconfig)
+    registry = kopf.OperatorRegistry()
+    register(registry, command.settings, credentials)
+    stop = stop or asyncio.Event()
+    async with KubeClient(credentials) as client:
+        elector = LeaderElector(client, command.settings.connector_namespace, command.identity)
+        if command.leader_election:
+            await elector.acquire()
+        running = asyncio.create_task(
+            kopf.operator(
+                registry=registry,
+                clusterwide=True,
+                standalone=True,
+                stop_flag=stop,
+            )
+        )
+        watchers = [running]
+        if command.leader_election:
+            watchers.append(asyncio.create_task(elector.hold()))
+        await asyncio.wait(watchers, return_when=asyncio.FIRST_COMPLETED)
+        stop.set()
+        await running
+        for task in watchers:
+            task.cancel()
