@@ -1,0 +1,292 @@
+"""The operator's pure parts: records, gateway assignment, desired objects, status, Lease."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import yaml
+
+from k8s_ext_connector.core.api import ServiceRef
+from k8s_ext_connector.operator.assign import assign_gateways, eligible_nodes
+from k8s_ext_connector.operator.desired import (
+    GATEWAY_CONFIGMAP,
+    KeyBook,
+    OperatorSettings,
+    Snapshot,
+    compute,
+    condition_events,
+    with_transition_times,
+)
+from k8s_ext_connector.operator.leader import FORMAT, decide, lease_spec
+from k8s_ext_connector.operator.snapshot import (
+    NodeRecord,
+    externalservice_record,
+    node_record,
+    pod_record,
+    service_record,
+)
+from tests.unit.samples import KEY_A, KEY_B, KEY_C, seed_spec
+
+LABEL = ("ext-connector.submariner.io/gateway", "true")
+SVC1 = ServiceRef("ns1", "my-service1")
+SVC2 = ServiceRef("ns2", "my-service2")
+SETTINGS = OperatorSettings()
+
+
+def node(name: str, ready: bool = True, labelled: bool = True) -> NodeRecord:
+    return NodeRecord(name, (LABEL,) if labelled else (), ready)
+
+
+# ---- assignment ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ips", "nodes", "previous", "expected"),
+    [
+        pytest.param(["10.0.0.1"], ["gw1"], {}, {"10.0.0.1": "gw1"}, id="one-node"),
+        pytest.param(["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"], ["gw1", "gw2"], {},
+                     {"10.0.0.1": "gw1", "10.0.0.2": "gw2", "10.0.0.3": "gw1",
+                      "10.0.0.4": "gw2"}, id="balanced"),
+        pytest.param(["10.0.0.1", "10.0.0.2"], ["gw1", "gw2"],
+                     {"10.0.0.1": "gw2", "10.0.0.2": "gw2"},
+                     {"10.0.0.1": "gw2", "10.0.0.2": "gw2"}, id="sticky"),
+        pytest.param(["10.0.0.1", "10.0.0.2"], ["gw2"], {"10.0.0.1": "gw1", "10.0.0.2": "gw2"},
+                     {"10.0.0.1": "gw2", "10.0.0.2": "gw2"}, id="moves-off-a-lost-node"),
+        pytest.param(["10.0.0.1"], [], {"10.0.0.1": "gw1"}, {"10.0.0.1": None}, id="no-node"),
+    ],
+)
+def test_assign_gateways(ips: list[str], nodes: list[str], previous: dict[str, str],
+                         expected: dict[str, str | None]) -> None:
+    assert assign_gateways(ips, nodes, previous) == expected
+    assert assign_gateways(list(reversed(ips)), nodes, previous) == expected  # order-free
+
+
+def test_eligible_nodes_are_ready_and_labelled() -> None:
+    nodes = [node("b"), node("a"), node("c", ready=False), node("d", labelled=False)]
+    assert eligible_nodes(nodes, LABEL) == ["a", "b"]
+
+
+# ---- records ------------------------------------------------------------------------------
+
+
+def test_records_from_bodies() -> None:
+    es = externalservice_record({"metadata": {"name": "x", "namespace": "default",
+                                              "generation": 3}, "spec": {"targetIP": "nope"}})
+    assert es.spec is None
+    assert es.invalid == "spec.targetIP: 'nope': must be an IPv4 or IPv6 address"
+    svc = service_record({"metadata": {"name": "s", "namespace": "n"},
+                          "spec": {"clusterIP": "None", "selector": {"app": "a"},
+                                   "ports": [{"port": 80}]}})
+    assert (svc.cluster_ip, svc.selector, svc.ports) == (None, (("app", "a"),), (80,))
+    ready = node_record({"metadata": {"name": "gw1"},
+                         "status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+    assert ready.ready
+    pod = pod_record({"metadata": {"name": "p", "namespace": "n"},
+                      "spec": {"initContainers": [{"name": "ext-connector"}]},
+                      "status": {"phase": "Running", "initContainerStatuses": [
+                          {"name": "ext-connector", "ready": True}]}})
+    assert (pod.has_sidecar, pod.sidecar_ready, pod.running) == (True, True, True)
+
+
+# ---- desired state ------------------------------------------------------------------------
+
+
+def es_body(name: str = "my-externalservice", namespace: str = "default",
+            spec: dict[str, Any] | None = None, created: str = "2026-01-01T00:00:00Z",
+            status: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}",
+                         "generation": 1, "creationTimestamp": created},
+            "spec": seed_spec() if spec is None else spec, "status": status or {}}
+
+
+def svc(ns: str, name: str, cluster_ip: str, labels: dict[str, str] | None = None) -> Any:
+    return service_record({"metadata": {"name": name, "namespace": ns, "labels": labels or {}},
+                           "spec": {"clusterIP": cluster_ip, "selector": {"app": name},
+                                    "ports": [{"port": 80}]}})
+
+
+def pod(ns: str, name: str, app: str, sidecar: bool = True, ready: bool = True) -> Any:
+    return pod_record({
+        "metadata": {"name": name, "namespace": ns, "labels": {"app": app}},
+        "spec": {"initContainers": [{"name": "ext-connector"}] if sidecar else []},
+        "status": {"phase": "Running",
+                   "initContainerStatuses": [{"name": "ext-connector", "ready": ready}]
+                   if sidecar else []},
+    })
+
+
+def snapshot(*ess: dict[str, Any], nodes: tuple[NodeRecord, ...] = (node("gw1"),),
+             pods: tuple[Any, ...] = (), connector_ip: bool = True) -> Snapshot:
+    services = [svc("ns1", "my-service1", "10.96.1.1"), svc("ns2", "my-service2", "10.96.2.2")]
+    if connector_ip:
+        services.append(svc("external-services", "my-externalservice", "10.96.0.10",
+                            {"app.kubernetes.io/managed-by": "k8s-ext-connector"}))
+    return Snapshot(externalservices=[externalservice_record(b) for b in ess],
+                    services={s.ref: s for s in services}, nodes=list(nodes), pods=list(pods))
+
+
+KEYS = KeyBook(clients={SVC1: KEY_A, SVC2: KEY_B}, hosts={"gw1": KEY_C})
+READY_PODS = (pod("ns1", "p1", "my-service1"), pod("ns2", "p2", "my-service2"))
+
+
+def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def test_seed_example_desired_objects_and_ready_status() -> None:
+    desired = compute(snapshot(es_body(), pods=READY_PODS), KEYS, SETTINGS)
+    service = desired.services[("external-services", "my-externalservice")]
+    assert "selector" not in service["spec"]
+    assert service["spec"]["ports"] == [{"name": "tcp-8000", "protocol": "TCP", "port": 8000,
+                                         "targetPort": 8000}]
+    sidecar = yaml.safe_load(desired.configmaps[("ns1", "ext-connector-my-service1")]["data"]
+                             ["sidecar.yaml"])
+    assert sidecar["rules"][0]["intercept"] == [{"address": "10.96.0.10", "port": 8000},
+                                                {"address": "192.168.122.139", "port": 8000}]
+    assert sidecar["rules"][0]["gateway"] == {"address": "192.168.122.200", "port": 2022,
+                                              "hostKey": KEY_C}
+    gateway = desired.configmaps[("external-services", GATEWAY_CONFIGMAP)]
+    gw1 = yaml.safe_load(gateway["data"]["gw1.yaml"])
+    assert [s["sourceIP"] for s in gw1["sources"]] == ["192.168.122.200", "192.168.122.201"]
+    status = desired.statuses[ServiceRef("default", "my-externalservice")]
+    assert conditions(status) == {"Accepted": ("True", "Valid"),
+                                  "GatewayAssigned": ("True", "Assigned"),
+                                  "SidecarsReady": ("True", "AllReady"),
+                                  "Ready": ("True", "TunnelsReady")}
+    assert (status["ready"], status["sourceCount"], status["clusterIP"]) == ("2/2", 2, "10.96.0.10")
+    assert status["sources"][0] == {"service": "ns1/my-service1", "sourceIP": "192.168.122.200",
+                                    "podsSelected": 1, "podsReady": 1, "gatewayNode": "gw1"}
+
+
+@pytest.mark.parametrize(
+    ("snap", "keys", "condition", "expected"),
+    [
+        pytest.param(snapshot(es_body(spec={"targetIP": "x"})), KEYS, "Accepted",
+                     ("False", "InvalidSpec"), id="invalid-spec"),
+        pytest.param(snapshot(es_body(spec={**seed_spec(), "sources": [
+            {"service": {"namespace": "ns1", "name": "ghost"}, "sourceIP": "192.168.122.9"}]})),
+            KEYS, "Accepted", ("False", "SourceServiceNotFound"), id="missing-service"),
+        pytest.param(snapshot(es_body(), nodes=()), KEYS, "GatewayAssigned",
+                     ("False", "NoGatewayNode"), id="no-gateway-node"),
+        pytest.param(snapshot(es_body(), nodes=(node("gw1", ready=False),)), KEYS, "Ready",
+                     ("False", "NoGatewayNode"), id="gateway-not-ready"),
+        pytest.param(snapshot(es_body()), KEYS, "SidecarsReady", ("False", "NoPods"),
+                     id="no-pods"),
+        pytest.param(snapshot(es_body(), pods=(pod("ns1", "old", "my-service1", sidecar=False),)),
+                     KEYS, "SidecarsReady", ("False", "SidecarsMissing"), id="pods-without"),
+        pytest.param(snapshot(es_body(), pods=(pod("ns1", "p", "my-service1", ready=False),)),
+                     KEYS, "Ready", ("False", "SidecarsNotReady"), id="sidecar-not-ready"),
+        pytest.param(snapshot(es_body(), pods=READY_PODS, connector_ip=False), KEYS, "Ready",
+                     ("False", "ServicePending"), id="no-cluster-ip-yet"),
+    ],
+)
+def test_status_conditions(snap: Snapshot, keys: KeyBook, condition: str,
+                           expected: tuple[str, str]) -> None:
+    desired = compute(snap, keys, SETTINGS)
+    status = desired.statuses[ServiceRef("default", "my-externalservice")]
+    assert conditions(status)[condition] == expected
+    assert conditions(status)["Ready"][0] == "False"
+
+
+def test_pods_without_sidecar_are_named_with_the_fix() -> None:
+    snap = snapshot(es_body(), pods=(pod("ns1", "old", "my-service1", sidecar=False),))
+    status = compute(snap, KEYS, SETTINGS).statuses[ServiceRef("default", "my-externalservice")]
+    message = next(c["message"] for c in status["conditions"] if c["type"] == "SidecarsReady")
+    assert "ns1/old" in message
+    assert "kubectl rollout restart" in message
+    assert status["sources"][0]["podsWithoutSidecar"] == ["ns1/old"]
+
+
+def test_invalid_es_does_not_affect_another() -> None:
+    bad = es_body(name="bad", spec={"targetIP": "1.2.3.4", "sources": [], "ports": []})
+    desired = compute(snapshot(es_body(), bad, pods=READY_PODS), KEYS, SETTINGS)
+    assert conditions(desired.statuses[ServiceRef("default", "bad")])["Accepted"] == (
+        "False", "InvalidSpec")
+    assert conditions(desired.statuses[ServiceRef("default", "my-externalservice")])["Ready"] == (
+        "True", "TunnelsReady")
+    assert list(desired.services) == [("external-services", "my-externalservice")]
+
+
+def test_same_name_in_two_namespaces_is_a_conflict_for_the_younger() -> None:
+    older = es_body(created="2026-01-01T00:00:00Z")
+    younger = es_body(namespace="other", created="2026-02-01T00:00:00Z")
+    desired = compute(snapshot(older, younger, pods=READY_PODS), KEYS, SETTINGS)
+    assert conditions(desired.statuses[ServiceRef("other", "my-externalservice")])[
+        "Accepted"] == ("False", "NameConflict")
+    assert conditions(desired.statuses[ServiceRef("default", "my-externalservice")])[
+        "Ready"] == ("True", "TunnelsReady")
+
+
+def test_keys_needed_are_listed_and_nothing_is_planned_without_them() -> None:
+    desired = compute(snapshot(es_body()), KeyBook(), SETTINGS)
+    assert desired.needs_client_keys == (SVC1, SVC2)
+    assert desired.needs_host_keys == ("gw1",)
+    assert set(desired.configmaps) == {("external-services", GATEWAY_CONFIGMAP)}
+
+
+def test_deleting_es_contributes_nothing() -> None:
+    body = es_body()
+    body["metadata"]["deletionTimestamp"] = "2026-01-02T00:00:00Z"
+    desired = compute(snapshot(body, pods=READY_PODS), KEYS, SETTINGS)
+    assert desired.services == {}
+    assert desired.statuses == {}
+    gw = yaml.safe_load(desired.configmaps[("external-services", GATEWAY_CONFIGMAP)]["data"]
+                        ["gw1.yaml"])
+    assert gw["sources"] == []
+
+
+def test_assignment_sticks_to_the_node_in_status() -> None:
+    status = {"sources": [{"sourceIP": "192.168.122.200", "gatewayNode": "gw2"}]}
+    snap = snapshot(es_body(status=status), nodes=(node("gw1"), node("gw2")))
+    keys = KeyBook(KEYS.clients, {"gw1": KEY_C, "gw2": KEY_A})
+    assert compute(snap, keys, SETTINGS).assignment == {"192.168.122.200": "gw2",
+                                                        "192.168.122.201": "gw1"}
+
+
+def test_compute_is_deterministic() -> None:
+    snap = snapshot(es_body(), pods=READY_PODS)
+    assert compute(snap, KEYS, SETTINGS) == compute(snap, KEYS, SETTINGS)
+
+
+def test_transition_times_and_events() -> None:
+    old = [{"type": "Ready", "status": "False", "reason": "NoPods", "message": "",
+            "lastTransitionTime": "T0"},
+           {"type": "Accepted", "status": "True", "reason": "Valid", "message": "",
+            "lastTransitionTime": "T0"}]
+    new = [{"type": "Ready", "status": "True", "reason": "TunnelsReady", "message": "ok"},
+           {"type": "Accepted", "status": "True", "reason": "Valid", "message": ""}]
+    merged = with_transition_times(new, old, "T1")
+    assert [c["lastTransitionTime"] for c in merged] == ["T1", "T0"]
+    assert condition_events(new, old) == [("Normal", "TunnelsReady", "ok")]
+    assert condition_events(old, new) == [("Warning", "NoPods", "")]
+
+
+# ---- leader election ------------------------------------------------------------------------
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        pytest.param(None, "acquire", id="no-lease"),
+        pytest.param({"holderIdentity": "me"}, "renew", id="mine"),
+        pytest.param({"holderIdentity": "other", "leaseDurationSeconds": 15,
+                      "renewTime": (NOW - timedelta(seconds=5)).strftime(FORMAT)}, "wait",
+                     id="other-fresh"),
+        pytest.param({"holderIdentity": "other", "leaseDurationSeconds": 15,
+                      "renewTime": (NOW - timedelta(seconds=16)).strftime(FORMAT)}, "acquire",
+                     id="other-expired"),
+    ],
+)
+def test_lease_decision(spec: dict[str, Any] | None, expected: str) -> None:
+    assert decide(spec, "me", NOW) == expected
+
+
+def test_lease_spec_counts_transitions() -> None:
+    spec = lease_spec("me", NOW, {"leaseTransitions": 2, "acquireTime": "old"}, "acquire")
+    assert spec["leaseTransitions"] == 3
+    assert spec["holderIdentity"] == "me"
+    assert lease_spec("me", NOW, {"acquireTime": "old"}, "renew")["acquireTime"] == "old"
