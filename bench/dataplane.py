@@ -337,6 +337,20 @@ def established_to(ns: str, port: int) -> int:
     return len(out.splitlines())
 
 
+def listen_overflows(namespaces: list[str]) -> dict[str, int]:
+    """TcpExt ListenOverflows per netns: SYNs dropped because an accept queue was full, which
+    turns into 1 s, 3 s, ... connect delays (ssh listens with a backlog of 128)."""
+    from k8s_ext_connector.lab import netns
+
+    counts = {}
+    for ns in namespaces:
+        lines = netns.sh(["ip", "netns", "exec", ns, "cat", "/proc/net/netstat"]).stdout
+        header, values = [line.split() for line in lines.splitlines()
+                          if line.startswith("TcpExt:")][:2]
+        counts[ns] = int(dict(zip(header, values, strict=True))["ListenOverflows"])
+    return counts
+
+
 def percentile(values: list[float], pct: float) -> float:
     ordered = sorted(values)
     return ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)]
@@ -439,6 +453,8 @@ def measure(ns: str, ext_ns: str, path: Endpoints, settings: Settings) -> PathRe
     """All figures for one path, in an order that keeps RSS from earlier phases out of the
     memory figure (throughput, which grows buffers, comes last)."""
     result = PathResult(path.name)
+    namespaces = sorted({ns, ext_ns, ns.rsplit("-", 1)[0] + "-gw"})
+    overflows_before = listen_overflows(namespaces)
     sink_host, sink_port = path.sink
     http_host, http_port = path.http
 
@@ -500,6 +516,12 @@ def measure(ns: str, ext_ns: str, path: Endpoints, settings: Settings) -> PathRe
         while (leaked := open_fds(pids) - fds_before) > 0 and time.monotonic() < deadline:
             time.sleep(0.2)
         result.fds_leaked = leaked
+    overflows = {name.rsplit("-", 1)[1]: count - overflows_before[name]
+                 for name, count in listen_overflows(namespaces).items()
+                 if count > overflows_before[name]}
+    if overflows:
+        result.notes.append(f"listen queue overflows per netns: {overflows} (SYNs dropped by a "
+                            "full accept queue; the client retries after 1 s, then 3 s...)")
     return result
 
 
@@ -901,7 +923,7 @@ def main(argv: list[str]) -> int:
         return 1
     quick = bool(args.quick)
     settings = Settings(
-        size=args.size or (64 << 20 if quick else GIB),
+        size=args.size or (256 << 20 if quick else GIB),
         repeat=args.repeat or (1 if quick else 3),
         latency_samples=100 if quick else 500,
         rate_seconds=2 if quick else 5,

@@ -26,6 +26,13 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rbac(args: argparse.Namespace) -> int:
+    from k8s_ext_connector.operator import rbac
+
+    print(rbac.render(), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from k8s_ext_connector.gateway import main as gateway_main
     from k8s_ext_connector.lab import main as lab_main
@@ -47,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     operator = commands.add_parser("operator", help="the kopf operator (control plane)")
     operator_main.add_arguments(operator)
     operator.set_defaults(handler=operator_main.run)
+
+    rbac = commands.add_parser("rbac", help="print the RBAC a component needs (YAML)")
+    rbac.add_argument("component", choices=["operator"])
+    rbac.set_defaults(handler=_rbac)
 
     keygen = commands.add_parser("keygen", help="write an Ed25519 SSH key pair (FILE, FILE.pub)")
     keygen.add_argument("--out", required=True, type=Path)

@@ -76,11 +76,12 @@ class ResourceType:
 
 
 def _builtin(spec: str) -> ResourceType:
-    """Parse ``group/version plural Kind scope shortnames flags`` (compact table below)."""
+    """Parse ``group/version plural Kind scope shortnames flags``; plural ``*``: kind + s."""
     gv, plural, kind, scope, shorts, flags = spec.split()
     group, _, version = gv.rpartition("/")
     return ResourceType(
-        group=group, version=version, plural=plural, kind=kind, namespaced=scope == "ns",
+        group=group, version=version, kind=kind, namespaced=scope == "ns",
+        plural=kind.lower() + "s" if plural == "*" else plural,
         short_names=tuple(s for s in shorts.split(",") if s != "-"),
         categories=("all",) if "all" in flags else (), status="status" in flags,
     )
@@ -100,9 +101,9 @@ _BUILTINS = [_builtin(line) for line in """
     coordination.k8s.io/v1 leases Lease ns - -
     apps/v1 deployments Deployment ns deploy status,all
     apps/v1 daemonsets DaemonSet ns ds status,all
-    apiextensions.k8s.io/v1 customresourcedefinitions CustomResourceDefinition cluster crd,crds status
-    admissionregistration.k8s.io/v1 mutatingwebhookconfigurations MutatingWebhookConfiguration cluster - -
-    admissionregistration.k8s.io/v1 validatingwebhookconfigurations ValidatingWebhookConfiguration cluster - -
+    apiextensions.k8s.io/v1 * CustomResourceDefinition cluster crd,crds status
+    admissionregistration.k8s.io/v1 * MutatingWebhookConfiguration cluster - -
+    admissionregistration.k8s.io/v1 * ValidatingWebhookConfiguration cluster - -
     rbac.authorization.k8s.io/v1 roles Role ns - -
     rbac.authorization.k8s.io/v1 rolebindings RoleBinding ns - -
     rbac.authorization.k8s.io/v1 clusterroles ClusterRole cluster - -
@@ -213,12 +214,13 @@ class Registry:
                 continue
             ns = "/namespaces/{namespace}" if t.namespaced else ""
             gvk = {"group": t.group, "version": t.version, "kind": t.kind}
-            paths[f"{t.path_prefix}{ns}/{t.plural}/{{name}}"] = {
+            paths[f"{t.path_prefix}{ns}/{t.plural}/{{name}}"] = {"patch": {
+                "x-kubernetes-group-version-kind": gvk,
                 "parameters": [{"name": "fieldValidation", "in": "query",
                                 "schema": {"type": "string"}}],
-                "patch": {"x-kubernetes-group-version-kind": gvk, "requestBody": {"content": {
-                    "application/json-patch+json": {}, "application/merge-patch+json": {}}}},
-            }
+                "requestBody": {"content": {
+                    "application/json-patch+json": {}, "application/merge-patch+json": {}}},
+            }}
         if not paths:
             raise ApiError.not_found_path()
         return {"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "emulated"},

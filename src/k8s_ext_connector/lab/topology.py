@@ -201,6 +201,7 @@ class Lab:
         handle = log_path.open("ab")
         popen = subprocess.Popen(
             ["ip", "netns", "exec", ns, *argv],
+            stdin=subprocess.DEVNULL,
             stdout=handle,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -226,7 +227,7 @@ class Lab:
         for port in HTTP_PORTS:
             argv += ["--port", str(port)]
         server = self.spawn("external-server", self.ext_ns, argv)
-        for port in HTTP_PORTS:
+        for port in (*HTTP_PORTS, SINK_PORT):
             self.wait_tcp(self.ext_ns, EXTERNAL_SERVER_IP, port, process=server)
         return server
 

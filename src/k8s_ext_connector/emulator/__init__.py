@@ -1,0 +1,39 @@
+"""A small Kubernetes API server emulator for the control-plane tests (kubectl 1.32, kopf 1.45).
+
+Project-owned rather than a kmock 0.8 subclass: the fixes needed (cluster-scoped creates,
+404s, typed lists, uid/resourceVersion, watches kopf follows) outgrew kmock's model.
+It serves real HTTP on 127.0.0.1, so tests drive it with kubectl, kopf and aiohttp as they
+would drive a cluster; ``write_kubeconfig`` gives both clients their settings.
+
+Emulated: legacy discovery (/api, /apis, APIResourceList with verbs, short names,
+categories, status subresources); a stub OpenAPI v3 that makes kubectl trust server-side
+field validation; the built-in types in ``resources.py`` and CRD-defined ones (served as
+soon as the CRD is created, gone when it is removed); uid, creationTimestamp, generation,
+a global resourceVersion and optimistic concurrency; the status subresource; label and field
+selectors; Tables with CRD printer columns; watches with history, resume and 410; merge,
+JSON and strategic merge patches; finalizers, namespace and CRD termination, ownerReference
+garbage collection; a mutating admission hook on Pod CREATE; every call recorded in RBAC
+terms (``ApiServer.requests``) so tests can check what permissions a component needs.
+
+Deliberately NOT emulated:
+
+- authentication and authorisation: every request is allowed and recorded instead;
+- server-side apply (``application/apply-patch+yaml`` answers 415), managedFields,
+  field managers, dryRun (400), and the fieldValidation parameter (accepted, ignored);
+- schema validation, defaulting and pruning (built-in or CRD openAPIV3Schema), so
+  ``kubectl explain`` does not work; no version conversion beyond apiVersion;
+- strategic merge patch beyond a merge patch plus the directives kubectl generates
+  (merge keys are taken from ``$setElementOrder``/``$patch: delete``, not from a schema);
+- protobuf, aggregated discovery (kubectl falls back to legacy), OpenAPI v2 (404),
+  pagination (``limit`` is ignored, lists are complete), watch bookmarks, sendInitialEvents;
+- controllers: no scheduler, kubelet, kube-proxy, endpoints or deployment controller;
+  pods are deleted at once (no grace period); events.k8s.io/v1 and core/v1 events are
+  stored apart; garbage collection is background-only (Foreground/Orphan act like
+  Background) and dangling owner references are left as they are;
+- kubectl Table columns for built-ins are NAME and AGE only.
+"""
+
+from k8s_ext_connector.emulator.errors import ApiError
+from k8s_ext_connector.emulator.server import AdmissionHook, ApiServer, RecordedRequest
+
+__all__ = ["AdmissionHook", "ApiError", "ApiServer", "RecordedRequest"]
