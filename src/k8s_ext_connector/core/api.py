@@ -7,6 +7,7 @@ and value of anything the seed's semantics cannot serve, e.g. a named ``targetPo
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from k8s_ext_connector.core.errors import ConfigError
@@ -61,6 +62,16 @@ class ExternalPort:
         return port_spec
 
 
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def _dns_label(f: Fields, name: str) -> str:
+    value = f.string(name)
+    if not _DNS_LABEL.fullmatch(value):
+        raise ConfigError(f.path(name), value, "must be a DNS label (a-z, 0-9, '-'; max 63)")
+    return value
+
+
 @dataclass(frozen=True)
 class Source:
     """``spec.sources[]``: pods behind ``service`` leave with ``source_ip``."""
@@ -73,7 +84,9 @@ class Source:
         f = Fields(data, path)
         svc = f.nested("service")
         source = Source(
-            service=ServiceRef(namespace=svc.string("namespace"), name=svc.string("name")),
+            service=ServiceRef(
+                namespace=_dns_label(svc, "namespace"), name=_dns_label(svc, "name")
+            ),
             source_ip=f.ip("sourceIP"),
         )
         svc.done()

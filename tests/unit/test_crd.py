@@ -1,0 +1,161 @@
+"""The CRD and the RBAC manifest: valid Kubernetes objects, a schema that reads well, accepts
+the seed's example and rejects each invalid field, printer columns backed by real status."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from k8s_ext_connector.core.api import ExternalServiceSpec, ServiceRef
+from k8s_ext_connector.core.errors import ConfigError
+from k8s_ext_connector.operator import rbac
+from k8s_ext_connector.operator.desired import KeyBook, OperatorSettings, Snapshot, compute
+from k8s_ext_connector.operator.snapshot import externalservice_record
+from tests.unit.samples import SEED_MANIFEST
+
+CHART = Path(__file__).parents[2] / "charts" / "k8s-ext-connector"
+CRD_PATH = CHART / "crds" / "externalservices.submariner.io.yaml"
+RBAC_PATH = CHART / "files" / "operator-rbac.yaml"
+CRD = yaml.safe_load(CRD_PATH.read_text())
+VERSION = CRD["spec"]["versions"][0]
+SCHEMA = VERSION["schema"]["openAPIV3Schema"]
+
+
+@pytest.mark.parametrize("path", [CRD_PATH, RBAC_PATH], ids=lambda p: p.name)
+def test_manifests_pass_strict_kubernetes_validation(path: Path) -> None:
+    for document in yaml.safe_load_all(path.read_text()):
+        kubernetes_validate.validate(document, "1.32.0", strict=True)
+
+
+def test_rbac_file_is_what_the_code_renders() -> None:
+    assert RBAC_PATH.read_text() == rbac.render(), "run: k8s-ext-connector rbac operator > " + str(
+        RBAC_PATH
+    )
+
+
+def test_rbac_never_reads_secrets() -> None:
+    assert not rbac.allowed("", "secrets", "get")
+    assert not rbac.allowed("", "secrets", "list")
+    assert not rbac.allowed("", "secrets", "watch")
+
+
+def _walk(schema: dict[str, Any], path: str) -> list[str]:
+    """Paths of properties that lack a description (kubectl explain would show nothing)."""
+    missing = []
+    for name, prop in (schema.get("properties") or {}).items():
+        where = f"{path}.{name}"
+        if name != "metadata" and not prop.get("description"):
+            missing.append(where)
+        missing += _walk(prop, where)
+        if "items" in prop:
+            missing += _walk(prop["items"], where + "[]")
+    return missing
+
+
+def test_every_field_has_a_description() -> None:
+    assert _walk(SCHEMA, "") == []
+
+
+def test_names_status_and_columns() -> None:
+    assert CRD["spec"]["group"] == "submariner.io"
+    assert CRD["spec"]["scope"] == "Namespaced"
+    assert CRD["spec"]["names"]["kind"] == "ExternalService"
+    assert "extsvc" in CRD["spec"]["names"]["shortNames"]
+    assert VERSION["subresources"] == {"status": {}}
+    assert [c["name"] for c in VERSION["additionalPrinterColumns"]] == [
+        "Target",
+        "Sources",
+        "Ready",
+        "Age",
+    ]
+
+
+def _validate(obj: dict[str, Any]) -> None:
+    jsonschema.validate(obj, SCHEMA, format_checker=jsonschema.FormatChecker())
+    # CEL rules (x-kubernetes-validations) are evaluated by the API server, not jsonschema;
+    # the only one we have is protocol == TCP, which the operator's parser enforces too.
+    for port in obj["spec"].get("ports", []):
+        if port.get("protocol", "TCP") != "TCP":
+            raise jsonschema.ValidationError("only TCP is supported for now (UDP is planned)")
+
+
+SEED = yaml.safe_load(SEED_MANIFEST)
+
+
+def test_the_seed_example_is_accepted_unchanged() -> None:
+    _validate(SEED)
+    ExternalServiceSpec.from_dict(SEED["spec"])
+
+
+def _with(path: tuple[Any, ...], value: Any) -> dict[str, Any]:
+    obj: dict[str, Any] = copy.deepcopy(SEED)
+    target: Any = obj
+    for key in path[:-1]:
+        target = target[key]
+    if value is _DELETE:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return obj
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        pytest.param(("spec", "targetIP"), "300.1.1.1", id="targetIP-not-an-ip"),
+        pytest.param(("spec", "targetIP"), "server.example", id="targetIP-a-name"),
+        pytest.param(("spec", "targetIP"), _DELETE, id="targetIP-missing"),
+        pytest.param(("spec", "sources"), [], id="no-sources"),
+        pytest.param(("spec", "sources", 0, "sourceIP"), "1.2.3", id="sourceIP-bad"),
+        pytest.param(("spec", "sources", 0, "service", "name"), "My_Service", id="svc-name-bad"),
+        pytest.param(("spec", "sources", 0, "service", "namespace"), _DELETE, id="svc-ns-missing"),
+        pytest.param(("spec", "ports"), [], id="no-ports"),
+        pytest.param(("spec", "ports", 0, "port"), 0, id="port-0"),
+        pytest.param(("spec", "ports", 0, "port"), 70000, id="port-70000"),
+        pytest.param(("spec", "ports", 0, "targetPort"), "http", id="targetPort-named"),
+        pytest.param(("spec", "ports", 0, "protocol"), "UDP", id="udp"),
+    ],
+)
+def test_invalid_fields_are_rejected(path: tuple[Any, ...], value: Any) -> None:
+    obj = _with(path, value)
+    with pytest.raises(jsonschema.ValidationError):
+        _validate(obj)
+    with pytest.raises(ConfigError):  # the operator's own parser agrees
+        ExternalServiceSpec.from_dict(obj["spec"])
+
+
+def _jsonpath(obj: dict[str, Any], path: str) -> Any:
+    value: Any = obj
+    for key in path.strip(".").split("."):
+        value = value[key]
+    return value
+
+
+def test_printer_columns_point_at_fields_the_operator_writes() -> None:
+    body = {
+        "metadata": {
+            "name": "my-externalservice",
+            "namespace": "default",
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+            "generation": 1,
+        },
+        "spec": SEED["spec"],
+    }
+    snapshot = Snapshot([externalservice_record(body)], {}, [], [])
+    status = compute(snapshot, KeyBook(), OperatorSettings()).statuses[
+        ServiceRef("default", "my-externalservice")
+    ]
+    obj = {**body, "status": status}
+    for column in VERSION["additionalPrinterColumns"]:
+        assert _jsonpath(obj, column["jsonPath"]) is not None, column
+    status_schema = SCHEMA["properties"]["status"]["properties"]
+    assert set(status) <= set(status_schema), "status fields the CRD would prune"
