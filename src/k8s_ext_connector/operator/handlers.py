@@ -134,23 +134,23 @@ def register(
         if "client" in state:
             await state["client"].close()
 
-    @kopf.index(*ES, registry=registry)
+    @kopf.index(*ES, id="es_index", registry=registry)
     def es_index(body: kopf.Body, **_: Any) -> dict[str, ExternalServiceRecord]:
         return {ALL: externalservice_record(body)}
 
-    @kopf.index("", "v1", "services", registry=registry)
+    @kopf.index("", "v1", "services", id="service_index", registry=registry)
     def service_index(body: kopf.Body, **_: Any) -> dict[str, ServiceRecord]:
         return {ALL: service_record(body)}
 
-    @kopf.index("", "v1", "nodes", registry=registry)
+    @kopf.index("", "v1", "nodes", id="node_index", registry=registry)
     def node_index(body: kopf.Body, **_: Any) -> dict[str, NodeRecord]:
         return {ALL: node_record(body)}
 
-    @kopf.index("", "v1", "pods", registry=registry)
+    @kopf.index("", "v1", "pods", id="pod_index", registry=registry)
     def pod_index(body: kopf.Body, **_: Any) -> dict[str, PodRecord]:
         return {ALL: pod_record(body)}
 
-    @kopf.index("", "v1", "configmaps", labels=managed, registry=registry)
+    @kopf.index("", "v1", "configmaps", labels=managed, id="cm_index", registry=registry)
     def cm_index(body: kopf.Body, **_: Any) -> dict[str, ManagedConfigMap]:
         return {ALL: configmap_record(body)}
 
