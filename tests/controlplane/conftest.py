@@ -24,6 +24,44 @@ from k8s_ext_connector.emulator import ApiServer
 
 T = TypeVar("T")
 Obj = dict[str, Any]
+CMS = "/api/v1/namespaces/default/configmaps"
+CRDS = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+WIDGETS = "/apis/example.com/v1/namespaces/default/widgets"
+MERGE, JSON_PATCH, STRATEGIC = (
+    "application/merge-patch+json", "application/json-patch+json",
+    "application/strategic-merge-patch+json")
+TABLE = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"
+WIDGET_CRD: Obj = {
+    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    "metadata": {"name": "widgets.example.com"},
+    "spec": {
+        "group": "example.com", "scope": "Namespaced",
+        "names": {"plural": "widgets", "singular": "widget", "kind": "Widget",
+                  "shortNames": ["wdg"], "categories": ["gadgetry"]},
+        "versions": [{
+            "name": "v1", "served": True, "storage": True, "subresources": {"status": {}},
+            "additionalPrinterColumns": [
+                {"name": "Target", "type": "string", "jsonPath": ".spec.targetIP"},
+                {"name": "Ready", "type": "string",
+                 "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
+                {"name": "Size", "type": "integer", "jsonPath": ".spec.size", "priority": 1},
+                {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+            ],
+        }],
+    },
+}
+
+
+def cm(name: str, namespace: str = "default", labels: dict[str, str] | None = None,
+       **data: str) -> Obj:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "data": data,
+            "metadata": {"name": name, "namespace": namespace, "labels": labels or {}}}
+
+
+def widget(name: str, **spec: Any) -> Obj:
+    return {"apiVersion": "example.com/v1", "kind": "Widget", "spec": spec,
+            "metadata": {"name": name, "namespace": "default"}}
+
 
 
 def wait_for(check: Callable[[], T | None], timeout: float = 10.0, what: str = "condition") -> T:

@@ -8,7 +8,6 @@ are JSON: kubectl accepts them. Any other protobuf type is refused with 415.
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from typing import Any
 
 from k8s_ext_connector.emulator.errors import ApiError
@@ -26,15 +25,16 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
             return value, pos
 
 
-def _fields(buf: bytes) -> Iterator[tuple[int, Any]]:
-    """(field number, int or bytes) pairs of one message, without a schema."""
+def _fields(buf: bytes) -> dict[int, list[Any]]:
+    """Field number -> values (ints or bytes) of one message, without a schema."""
+    out: dict[int, list[Any]] = {}
     pos = 0
     while pos < len(buf):
         key, pos = _varint(buf, pos)
-        wire = key & 7
+        wire, values = key & 7, out.setdefault(key >> 3, [])
         if wire == 0:
             number, pos = _varint(buf, pos)
-            yield key >> 3, number
+            values.append(number)
             continue
         if wire == 2:
             size, pos = _varint(buf, pos)
@@ -42,29 +42,19 @@ def _fields(buf: bytes) -> Iterator[tuple[int, Any]]:
             size = 8 if wire == 1 else 4
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
-        yield key >> 3, buf[pos:pos + size]
+        values.append(buf[pos:pos + size])
         pos += size
+    return out
 
 
 def _map(entries: list[bytes], binary: bool = False) -> dict[str, str]:
-    out = {}
-    for entry in entries:
-        pair = dict(_fields(entry))
-        value = pair.get(2, b"")
-        out[pair.get(1, b"").decode()] = (
-            base64.b64encode(value).decode() if binary else value.decode())
-    return out
-
-
-def _grouped(buf: bytes) -> dict[int, list[Any]]:
-    out: dict[int, list[Any]] = {}
-    for number, value in _fields(buf):
-        out.setdefault(number, []).append(value)
-    return out
+    pairs = [_fields(entry) for entry in entries]
+    return {p.get(1, [b""])[0].decode(): base64.b64encode(p.get(2, [b""])[0]).decode() if binary
+            else p.get(2, [b""])[0].decode() for p in pairs}
 
 
 def _metadata(buf: bytes) -> dict[str, Any]:
-    f = _grouped(buf)
+    f = _fields(buf)
     meta: dict[str, Any] = {key: f[n][0].decode() for n, key in
                             ((1, "name"), (2, "generateName"), (3, "namespace"))
                             if f.get(n, [b""])[0]}
@@ -81,10 +71,10 @@ def decode(body: bytes) -> dict[str, Any]:
     if not body.startswith(MAGIC):
         raise ApiError.bad_request("protobuf body without the k8s envelope")
     try:
-        envelope = _grouped(body[len(MAGIC):])
-        type_meta = _grouped(envelope[1][0])
+        envelope = _fields(body[len(MAGIC):])
+        type_meta = _fields(envelope[1][0])
         api_version, kind = type_meta[1][0].decode(), type_meta[2][0].decode()
-        f = _grouped(envelope.get(2, [b""])[0])
+        f = _fields(envelope.get(2, [b""])[0])
     except (ValueError, KeyError, IndexError) as e:
         raise ApiError.bad_request(f"undecodable protobuf body: {e}") from e
     obj: dict[str, Any] = {"apiVersion": api_version, "kind": kind,

@@ -19,20 +19,8 @@ CRD_GROUP, CRD_PLURAL = "apiextensions.k8s.io", "customresourcedefinitions"
 
 
 @dataclass(frozen=True)
-class PrinterColumn:
-    """A CRD ``additionalPrinterColumns`` entry: what ``kubectl get`` shows for it."""
-
-    name: str
-    type: str
-    json_path: str
-    format: str = ""
-    description: str = ""
-    priority: int = 0
-
-
-@dataclass(frozen=True)
 class ResourceType:
-    """One served group/version/resource."""
+    """One served group/version/resource; ``columns`` are a CRD's additionalPrinterColumns."""
 
     group: str
     version: str
@@ -42,8 +30,7 @@ class ResourceType:
     short_names: tuple[str, ...] = ()
     categories: tuple[str, ...] = ()
     status: bool = False  # has a status subresource
-    columns: tuple[PrinterColumn, ...] = ()
-    singular: str = ""
+    columns: tuple[Obj, ...] = ()
 
     @property
     def api_version(self) -> str:
@@ -54,37 +41,23 @@ class ResourceType:
         """The group-qualified resource, as the real server names it in messages."""
         return f"{self.plural}.{self.group}" if self.group else self.plural
 
-    @property
-    def path_prefix(self) -> str:
-        return f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
-
     def discovery(self) -> list[Obj]:
-        main = {
-            "name": self.plural,
-            "singularName": self.singular or self.kind.lower(),
-            "namespaced": self.namespaced,
-            "kind": self.kind,
-            "verbs": VERBS,
-            "shortNames": list(self.short_names),
-            "categories": list(self.categories),
-        }
-        if not self.status:
-            return [main]
-        status = {"name": f"{self.plural}/status", "singularName": "", "kind": self.kind,
-                  "namespaced": self.namespaced, "verbs": ["get", "patch", "update"]}
-        return [main, status]
+        main = {"name": self.plural, "singularName": self.kind.lower(), "kind": self.kind,
+                "namespaced": self.namespaced, "verbs": VERBS,
+                "shortNames": list(self.short_names), "categories": list(self.categories)}
+        status = {**main, "name": f"{self.plural}/status", "singularName": "",
+                  "verbs": ["get", "patch", "update"], "shortNames": [], "categories": []}
+        return [main, status] if self.status else [main]
 
 
-def _builtin(spec: str) -> ResourceType:
-    """Parse ``group/version plural Kind scope shortnames flags``; plural ``*``: kind + s."""
-    gv, plural, kind, scope, shorts, flags = spec.split()
+def _builtin(line: str) -> ResourceType:
+    """``group/version plural Kind scope shortnames flags``; plural ``*`` is kind + s."""
+    gv, plural, kind, scope, shorts, flags = line.split()
     group, _, version = gv.rpartition("/")
     return ResourceType(
-        group=group, version=version, kind=kind, namespaced=scope == "ns",
-        plural=kind.lower() + "s" if plural == "*" else plural,
-        short_names=tuple(s for s in shorts.split(",") if s != "-"),
-        categories=("all",) if "all" in flags else (), status="status" in flags,
-    )
+        group, version, kind.lower() + "s" if plural == "*" else plural, kind, scope == "ns",
+        tuple(s for s in shorts.split(",") if s != "-"), ("all",) if "all" in flags else (),
+        "status" in flags)
 
 
 _BUILTINS = [_builtin(line) for line in """
@@ -120,22 +93,11 @@ def crd_types(crd: Obj) -> list[ResourceType]:
         raise ApiError.invalid(CRD_PLURAL, name, "spec.group, spec.names and spec.versions")
     if name != f"{plural}.{group}":
         raise ApiError.invalid(CRD_PLURAL, name, f"metadata.name must be {plural}.{group}")
-    return [
-        ResourceType(
-            group=group, version=v["name"], plural=plural, kind=kind,
-            namespaced=spec.get("scope", "Namespaced") == "Namespaced",
-            short_names=tuple(names.get("shortNames", [])),
-            categories=tuple(names.get("categories", [])),
-            status="status" in (v.get("subresources") or {}),
-            singular=names.get("singular", kind.lower()),
-            columns=tuple(
-                PrinterColumn(c["name"], c.get("type", "string"), c["jsonPath"],
-                              c.get("format", ""), c.get("description", ""), c.get("priority", 0))
-                for c in v.get("additionalPrinterColumns", [])
-            ),
-        )
-        for v in spec["versions"] if v.get("served", True)
-    ]
+    return [ResourceType(
+        group, v["name"], plural, kind, spec.get("scope", "Namespaced") == "Namespaced",
+        tuple(names.get("shortNames", [])), tuple(names.get("categories", [])),
+        "status" in (v.get("subresources") or {}), tuple(v.get("additionalPrinterColumns", [])),
+    ) for v in spec["versions"] if v.get("served", True)]
 
 
 class Registry:
@@ -147,17 +109,13 @@ class Registry:
     def lookup(self, group: str, version: str, plural: str) -> ResourceType | None:
         return self._types.get((group, version, plural))
 
-    def any_version(self, group: str, plural: str) -> ResourceType | None:
-        return next((t for t in self._types.values() if (t.group, t.plural) == (group, plural)),
-                    None)
-
-    def by_kind(self, api_version: str, kind: str) -> ResourceType | None:
+    def find(self, **fields: str) -> ResourceType | None:
+        """The first type whose attributes equal ``fields`` (e.g. api_version and kind)."""
         return next((t for t in self._types.values()
-                     if (t.api_version, t.kind) == (api_version, kind)), None)
+                     if all(getattr(t, k) == v for k, v in fields.items())), None)
 
     def register(self, types: list[ResourceType]) -> None:
-        for t in types:
-            self._types[(t.group, t.version, t.plural)] = t
+        self._types.update({(t.group, t.version, t.plural): t for t in types})
 
     def unregister(self, group: str, plural: str) -> None:
         self._types = {k: t for k, t in self._types.items() if (k[0], k[2]) != (group, plural)}
@@ -166,72 +124,64 @@ class Registry:
         """Group -> versions, the first being the preferred one."""
         out: dict[str, list[str]] = {}
         for t in self._types.values():
-            versions = out.setdefault(t.group, [])
-            if t.version not in versions:
-                versions.append(t.version)
+            if t.version not in out.setdefault(t.group, []):
+                out[t.group].append(t.version)
         return out
 
-    # Discovery documents (legacy, non-aggregated: kubectl falls back to these).
+    def _of(self, group: str, version: str) -> list[ResourceType]:
+        types = [t for t in self._types.values() if (t.group, t.version) == (group, version)]
+        if not types:
+            raise ApiError.not_found_path()
+        return types
 
-    def api_versions(self) -> Obj:
-        return {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [
-            {"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]}
+    # Legacy (non-aggregated) discovery: kubectl falls back to it, kopf only reads it.
 
     def api_group(self, group: str) -> Obj:
         versions = [{"groupVersion": f"{group}/{v}", "version": v}
                     for v in self.group_versions().get(group, [])]
-        if not versions:
+        if not group or not versions:
             raise ApiError.not_found_path()
         return {"kind": "APIGroup", "apiVersion": "v1", "name": group, "versions": versions,
                 "preferredVersion": versions[0]}
 
     def api_group_list(self) -> Obj:
-        groups = [self.api_group(g) for g in self.group_versions() if g]
-        for g in groups:
-            del g["kind"], g["apiVersion"]
-        return {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}
+        return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+            {k: v for k, v in self.api_group(g).items() if k not in ("kind", "apiVersion")}
+            for g in self.group_versions() if g]}
 
     def resource_list(self, group: str, version: str) -> Obj:
-        types = [t for t in self._types.values() if (t.group, t.version) == (group, version)]
-        if not types:
-            raise ApiError.not_found_path()
         return {"kind": "APIResourceList", "apiVersion": "v1",
-                "groupVersion": types[0].api_version,
-                "resources": [entry for t in types for entry in t.discovery()]}
+                "groupVersion": f"{group}/{version}" if group else version,
+                "resources": [e for t in self._of(group, version) for e in t.discovery()]}
 
     # OpenAPI v3: just enough for kubectl to trust server-side field validation.
 
-    def openapi_gv(self, group: str, version: str) -> Obj:
-        """Each PATCH path lists ``fieldValidation``, so kubectl skips client-side validation.
-
-        No strategic-merge content type is advertised: kubectl then computes strategic merge
-        patches from its compiled-in types (built-ins) and merge patches for CRs, as it does
-        against a real server.
-        """
-        paths: Obj = {}
-        for t in self._types.values():
-            if (t.group, t.version) != (group, version):
-                continue
+    def openapi(self, group: str, version: str) -> Obj:
+        """Each PATCH operation lists ``fieldValidation``, so kubectl skips client-side
+        validation (which would need full schemas). No strategic-merge content type is
+        advertised: kubectl then computes strategic merge patches from its compiled-in types
+        and merge patches for CRs, as it does against a real server."""
+        paths = {}
+        for t in self._of(group, version):
+            prefix = f"/apis/{group}/{version}" if group else f"/api/{version}"
             ns = "/namespaces/{namespace}" if t.namespaced else ""
-            gvk = {"group": t.group, "version": t.version, "kind": t.kind}
-            paths[f"{t.path_prefix}{ns}/{t.plural}/{{name}}"] = {"patch": {
-                "x-kubernetes-group-version-kind": gvk,
+            paths[f"{prefix}{ns}/{t.plural}/{{name}}"] = {"patch": {
+                "x-kubernetes-group-version-kind": {"group": group, "version": version,
+                                                    "kind": t.kind},
                 "parameters": [{"name": "fieldValidation", "in": "query",
                                 "schema": {"type": "string"}}],
-                "requestBody": {"content": {
-                    "application/json-patch+json": {}, "application/merge-patch+json": {}}},
-            }}
-        if not paths:
-            raise ApiError.not_found_path()
+                "requestBody": {"content": {"application/json-patch+json": {},
+                                            "application/merge-patch+json": {}}}}}
         return {"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "emulated"},
                 "paths": paths, "components": {"schemas": {}}}
 
     def openapi_root(self) -> Obj:
+        """The index; each hash changes with its document, so kubectl's cache follows CRDs."""
         paths = {}
         for group, versions in self.group_versions().items():
             for v in versions:
                 rel = f"apis/{group}/{v}" if group else f"api/{v}"
-                doc = json.dumps(self.openapi_gv(group, v), sort_keys=True).encode()
+                doc = json.dumps(self.openapi(group, v), sort_keys=True).encode()
                 digest = hashlib.sha256(doc).hexdigest()[:16]
                 paths[rel] = {"serverRelativeURL": f"/openapi/v3/{rel}?hash={digest}"}
         return {"paths": paths}

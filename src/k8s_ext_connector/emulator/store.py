@@ -83,6 +83,7 @@ class Store:
         self._compacted = 0  # watches from before this resourceVersion get 410 Expired
         self._history: deque[WatchEvent] = deque(maxlen=history)
         self._listeners: list[Listener] = []
+        self._ips = 9  # the next Service gets 10.96.0.10
 
     @property
     def resource_version(self) -> str:
@@ -113,7 +114,7 @@ class Store:
             return self.out(rt, self._current(rt, namespace, name))
 
     def select(self, rt: ResourceType, namespace: str | None,
-             match: Callable[[Obj], bool] = lambda _: True) -> tuple[list[Obj], str]:
+               match: Callable[[Obj], bool] = lambda _: True) -> tuple[list[Obj], str]:
         """Matching objects sorted by namespace and name, and the list's resourceVersion."""
         with self.lock:
             bucket = self._bucket(rt.group, rt.plural)
@@ -123,7 +124,7 @@ class Store:
 
     def iter_all(self) -> Iterator[tuple[ResourceType, Obj]]:
         for (group, plural), bucket in list(self._buckets.items()):
-            rt = self.registry.any_version(group, plural)
+            rt = self.registry.find(group=group, plural=plural)
             if rt is not None:
                 yield from ((rt, obj) for obj in list(bucket.values()))
 
@@ -141,7 +142,7 @@ class Store:
                 if not str(since).isdigit():
                     raise ApiError.bad_request(f"invalid resourceVersion {since!r}")
                 if int(str(since)) < self._compacted:
-                    raise ApiError.gone(f"too old resource version: {since} ({self._compacted})")
+                    raise ApiError(410, "Expired", f"too old resource version: {since}")
                 backlog = [e for e in self._history if e.rv > int(str(since))
                            and (e.group, e.plural) == (rt.group, rt.plural)]
             self._listeners.append(listener)
@@ -207,7 +208,7 @@ class Store:
             obj.update(apiVersion=rt.api_version, kind=rt.kind)
             if rt.status:
                 obj.pop("status", None)
-            self._system_fields(rt, obj)
+            self._system_fields(rt, obj, None)
             return self._put(rt, obj, "ADDED")
 
     def update(self, rt: ResourceType, namespace: str, name: str, body: Obj,
@@ -232,7 +233,7 @@ class Store:
                     new["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
             if new.get("status") is None:
                 new.pop("status", None)
-            self._system_fields(rt, new)
+            self._system_fields(rt, new, current)
             if _same(new, current):
                 return self.out(rt, current)
             written = self._put(rt, new, "MODIFIED", old=current)
@@ -317,9 +318,26 @@ class Store:
         if rt.group and crd_rt:
             self._finish(crd_rt, ("", f"{rt.plural}.{rt.group}"))
 
-    def _system_fields(self, rt: ResourceType, obj: Obj) -> None:
-        """What the real server's own controllers would fill in (CRDs are served at once)."""
-        if rt.kind == "Secret" and not rt.group and "stringData" in obj:
+    def _cluster_ip(self, svc: Obj, current: Obj | None) -> None:
+        """The apiserver's allocator: one address from 10.96.0.0/12, kept for life."""
+        spec = svc.setdefault("spec", {})
+        spec.setdefault("type", "ClusterIP")
+        kept = (current or {}).get("spec", {}).get("clusterIP")
+        if spec["type"] == "ExternalName" or spec.get("clusterIP") == "None":
+            return
+        if not spec.get("clusterIP"):
+            if kept:
+                spec["clusterIP"] = kept
+            else:
+                self._ips += 1
+                spec["clusterIP"] = f"10.96.{self._ips // 256}.{self._ips % 256}"
+        spec["clusterIPs"] = [spec["clusterIP"]]
+
+    def _system_fields(self, rt: ResourceType, obj: Obj, current: Obj | None) -> None:
+        """What the real server fills in itself: ClusterIPs, CRDs served at once, etc."""
+        if rt.kind == "Service" and not rt.group:
+            self._cluster_ip(obj, current)
+        elif rt.kind == "Secret" and not rt.group and "stringData" in obj:
             obj["data"] = {**obj.get("data", {}), **{
                 k: base64.b64encode(v.encode()).decode() for k, v in obj.pop("stringData").items()}}
         elif rt.kind == "Namespace":

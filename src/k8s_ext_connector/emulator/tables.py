@@ -12,15 +12,14 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from k8s_ext_connector.emulator.resources import PrinterColumn, ResourceType
+from k8s_ext_connector.emulator.resources import ResourceType
 
 Obj = dict[str, Any]
 _TOKEN = re.compile(
     r"\.(?P<name>[^.\[\]]+)|\[(?P<index>\d+)\]|\[\*\]"
     r"|\[\?\(@\.(?P<fkey>[\w.-]+)\s*==\s*['\"]?(?P<fval>[^'\")]*)['\"]?\)\]"
 )
-_AGE = PrinterColumn("Age", "date", ".metadata.creationTimestamp",
-                     description="CreationTimestamp is a timestamp of when the object was created.")
+_AGE = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
@@ -76,19 +75,15 @@ def age(timestamp: Any) -> str | None:
     return human_duration((datetime.now(UTC) - then).total_seconds())
 
 
-def _cell(column: PrinterColumn, obj: Obj) -> Any:
+def _cell(column: Obj, obj: Obj) -> Any:
+    """The first value, as the real table convertor does; dates as ages."""
     try:
-        values = jsonpath(obj, column.json_path)
+        value = next(iter(jsonpath(obj, column["jsonPath"])), None)
     except ValueError:
         return None
-    if not values or values[0] is None:
-        return None
-    value = values[0]
-    if column.type == "date":
-        return age(value)
-    if column.type == "string":
-        return value if isinstance(value, str) else json.dumps(value)
-    return value
+    if value is None or column.get("type") != "date":
+        return json.dumps(value) if isinstance(value, dict | list) else value
+    return age(value)
 
 
 def _row_object(obj: Obj, include: str) -> Obj | None:
@@ -103,10 +98,10 @@ def _row_object(obj: Obj, include: str) -> Obj | None:
 def table(rt: ResourceType, objs: list[Obj], include: str, resource_version: str) -> Obj:
     """NAME plus the CRD's printer columns, or NAME and AGE where it declares none."""
     columns = rt.columns or (_AGE,)
-    definitions = [{"name": "Name", "type": "string", "format": "name", "priority": 0,
-                    "description": "Name must be unique within a namespace."}] + [
-        {"name": c.name, "type": c.type, "format": c.format, "description": c.description,
-         "priority": c.priority} for c in columns]
+    definitions = [{"name": "Name", "type": "string", "format": "name", "priority": 0}] + [
+        {"name": c["name"], "type": c.get("type", "string"), "format": c.get("format", ""),
+         "description": c.get("description", ""), "priority": c.get("priority", 0)}
+        for c in columns]
     rows = []
     for obj in objs:
         row: Obj = {"cells": [obj["metadata"]["name"]] + [_cell(c, obj) for c in columns]}

@@ -8,6 +8,7 @@ several operators in one process. Every watched change only marks the world dirt
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -60,7 +61,9 @@ class Views:
         if len(self.indexes) < 5:  # never plan from a partial view: it would delete things
             raise TransientError("watch caches not populated yet")
         ess: list[ExternalServiceRecord] = _values(self.indexes.get("es_index"))
-        ess.sort(key=lambda es: (es.created, es.namespace, es.name))
+        # Earlier claims win conflicts. Those already accepted go first, so that a newcomer
+        # created in the same second (timestamps have 1 s resolution) never displaces them.
+        ess.sort(key=lambda es: (not es.accepted, es.created, es.namespace, es.name))
         services: list[ServiceRecord] = _values(self.indexes.get("service_index"))
         nodes: list[NodeRecord] = _values(self.indexes.get("node_index"))
         pods: list[PodRecord] = _values(self.indexes.get("pod_index"))
@@ -87,6 +90,7 @@ def register(
     settings: OperatorSettings,
     credentials: Credentials,
     on_reconciler: Callable[[Reconciler], None] | None = None,
+    on_stop: Callable[[], None] | None = None,
 ) -> None:
     """Attach every handler of the operator to ``registry``."""
     views = Views()
@@ -131,8 +135,12 @@ def register(
         task = state.get("task")
         if task is not None:
             task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if "client" in state:
             await state["client"].close()
+        if on_stop is not None:
+            on_stop()  # release the stop-flag waiter when a signal, not the flag, stopped kopf
 
     @kopf.index(*ES, id="es_index", registry=registry)
     def es_index(body: kopf.Body, **_: Any) -> dict[str, ExternalServiceRecord]:

@@ -83,8 +83,8 @@ async def serve(command: OperatorCommand, stop: asyncio.Event | None = None) -> 
 
     credentials = load_credentials(command.kubeconfig)
     registry = kopf.OperatorRegistry()
-    register(registry, command.settings, credentials)
     stop = stop or asyncio.Event()
+    register(registry, command.settings, credentials, on_stop=stop.set)
     async with KubeClient(credentials) as client:
         elector = LeaderElector(client, command.settings.connector_namespace, command.identity)
         if command.leader_election:

@@ -37,6 +37,14 @@ class ExternalServiceRecord:
         return ServiceRef(self.namespace, self.name)
 
     @property
+    def accepted(self) -> bool:
+        """Whether the last status written says Accepted=True."""
+        return any(
+            isinstance(c, Mapping) and c.get("type") == "Accepted" and c.get("status") == "True"
+            for c in self.status.get("conditions") or []
+        )
+
+    @property
     def parsed(self) -> ExternalService | None:
         return ExternalService(self.namespace, self.name, self.spec) if self.spec else None
 
