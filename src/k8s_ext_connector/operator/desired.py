@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from k8s_ext_connector.core.api import ServiceRef
@@ -65,6 +66,16 @@ class Snapshot:
     services: Mapping[ServiceRef, ServiceRecord]
     nodes: Sequence[NodeRecord]
     pods: Sequence[PodRecord]
+
+    @cached_property
+    def _pods_by_namespace(self) -> dict[str, list[PodRecord]]:
+        by_namespace: dict[str, list[PodRecord]] = {}
+        for pod in self.pods:
+            by_namespace.setdefault(pod.namespace, []).append(pod)
+        return by_namespace
+
+    def pods_in(self, namespace: str) -> list[PodRecord]:
+        return self._pods_by_namespace.get(namespace, [])
 
 
 @dataclass(frozen=True)
@@ -326,11 +337,8 @@ def _status(
         record = snapshot.services.get(source.service)
         pods = [
             p
-            for p in snapshot.pods
-            if record is not None
-            and p.namespace == source.service.namespace
-            and p.running
-            and selects(record.selector, p.labels)
+            for p in snapshot.pods_in(source.service.namespace)
+            if record is not None and p.running and selects(record.selector, p.labels)
         ]
         without = sorted(f"{p.namespace}/{p.name}" for p in pods if not p.has_sidecar)
         ready_pods = [p for p in pods if p.sidecar_ready]
