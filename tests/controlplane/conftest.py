@@ -28,40 +28,65 @@ CMS = "/api/v1/namespaces/default/configmaps"
 CRDS = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
 WIDGETS = "/apis/example.com/v1/namespaces/default/widgets"
 MERGE, JSON_PATCH, STRATEGIC = (
-    "application/merge-patch+json", "application/json-patch+json",
-    "application/strategic-merge-patch+json")
+    "application/merge-patch+json",
+    "application/json-patch+json",
+    "application/strategic-merge-patch+json",
+)
 TABLE = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"
 WIDGET_CRD: Obj = {
-    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
     "metadata": {"name": "widgets.example.com"},
     "spec": {
-        "group": "example.com", "scope": "Namespaced",
-        "names": {"plural": "widgets", "singular": "widget", "kind": "Widget",
-                  "shortNames": ["wdg"], "categories": ["gadgetry"]},
-        "versions": [{
-            "name": "v1", "served": True, "storage": True, "subresources": {"status": {}},
-            "additionalPrinterColumns": [
-                {"name": "Target", "type": "string", "jsonPath": ".spec.targetIP"},
-                {"name": "Ready", "type": "string",
-                 "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
-                {"name": "Size", "type": "integer", "jsonPath": ".spec.size", "priority": 1},
-                {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-            ],
-        }],
+        "group": "example.com",
+        "scope": "Namespaced",
+        "names": {
+            "plural": "widgets",
+            "singular": "widget",
+            "kind": "Widget",
+            "shortNames": ["wdg"],
+            "categories": ["gadgetry"],
+        },
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": [
+                    {"name": "Target", "type": "string", "jsonPath": ".spec.targetIP"},
+                    {
+                        "name": "Ready",
+                        "type": "string",
+                        "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+                    },
+                    {"name": "Size", "type": "integer", "jsonPath": ".spec.size", "priority": 1},
+                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                ],
+            }
+        ],
     },
 }
 
 
-def cm(name: str, namespace: str = "default", labels: dict[str, str] | None = None,
-       **data: str) -> Obj:
-    return {"apiVersion": "v1", "kind": "ConfigMap", "data": data,
-            "metadata": {"name": name, "namespace": namespace, "labels": labels or {}}}
+def cm(
+    name: str, namespace: str = "default", labels: dict[str, str] | None = None, **data: str
+) -> Obj:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "data": data,
+        "metadata": {"name": name, "namespace": namespace, "labels": labels or {}},
+    }
 
 
 def widget(name: str, **spec: Any) -> Obj:
-    return {"apiVersion": "example.com/v1", "kind": "Widget", "spec": spec,
-            "metadata": {"name": name, "namespace": "default"}}
-
+    return {
+        "apiVersion": "example.com/v1",
+        "kind": "Widget",
+        "spec": spec,
+        "metadata": {"name": name, "namespace": "default"},
+    }
 
 
 def wait_for(check: Callable[[], T | None], timeout: float = 10.0, what: str = "condition") -> T:
@@ -82,13 +107,25 @@ class Http:
 
     url: str
 
-    def call(self, method: str, path: str, body: Any = None,
-             content_type: str = "application/json", headers: dict[str, str] | None = None,
-             ) -> tuple[int, Any]:
-        data = None if body is None else (
-            body if isinstance(body, bytes) else json.dumps(body).encode())
-        request = urllib.request.Request(self.url + path, data=data, method=method, headers={
-            "Content-Type": content_type, **(headers or {})})
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        data = (
+            None
+            if body is None
+            else (body if isinstance(body, bytes) else json.dumps(body).encode())
+        )
+        request = urllib.request.Request(
+            self.url + path,
+            data=data,
+            method=method,
+            headers={"Content-Type": content_type, **(headers or {})},
+        )
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 return response.status, json.loads(response.read() or b"null")
@@ -100,8 +137,9 @@ class Http:
         assert status < 300, (status, result)
         return result
 
-    def watch(self, path: str, until: Callable[[list[Obj]], bool],
-              timeout: float = 10.0) -> list[Obj]:
+    def watch(
+        self, path: str, until: Callable[[list[Obj]], bool], timeout: float = 10.0
+    ) -> list[Obj]:
         """Read watch events until ``until(events)`` holds or the server ends the stream."""
         events: list[Obj] = []
         with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
@@ -141,11 +179,25 @@ def kubectl(kubeconfig: Path, tmp_path: Path) -> Kubectl:
     if binary is None:
         pytest.skip("kubectl is not installed")
 
-    def run(*args: str, input: str | None = None, check: bool = True,
-            ) -> subprocess.CompletedProcess[str]:
+    def run(
+        *args: str,
+        input: str | None = None,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            [binary, "--kubeconfig", str(kubeconfig), "--cache-dir", str(tmp_path / "cache"),
-             *args], input=input, capture_output=True, text=True, timeout=30)
+            [
+                binary,
+                "--kubeconfig",
+                str(kubeconfig),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                *args,
+            ],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
         return result

@@ -48,11 +48,22 @@ class Operator:
         def deleted(name: str, **_: Any) -> None:
             self.seen.append(("delete", name))
 
-    def run(self, stop: threading.Event, ready: threading.Event, errors: list[BaseException],
-            ) -> None:
+    def run(
+        self,
+        stop: threading.Event,
+        ready: threading.Event,
+        errors: list[BaseException],
+    ) -> None:
         try:
-            asyncio.run(kopf.operator(registry=self.registry, standalone=True, clusterwide=True,
-                                      stop_flag=stop, ready_flag=ready))
+            asyncio.run(
+                kopf.operator(
+                    registry=self.registry,
+                    standalone=True,
+                    clusterwide=True,
+                    stop_flag=stop,
+                    ready_flag=ready,
+                )
+            )
         except BaseException as e:
             errors.append(e)
 
@@ -75,23 +86,32 @@ def operator(apiserver: ApiServer, kubeconfig: Path) -> Iterator[Operator]:
     assert errors == []
 
 
-def test_kopf_handles_create_update_delete(apiserver: ApiServer, http: Http,
-                                          operator: Operator) -> None:
+def test_kopf_handles_create_update_delete(
+    apiserver: ApiServer, http: Http, operator: Operator
+) -> None:
     http.ok("POST", WIDGETS, widget("w1", size=3))
 
     def stored() -> Obj | None:
         return apiserver.get_object("example.com", "v1", "widgets", "default", "w1")
 
-    status = wait_for(lambda: (stored() or {}).get("status", {}).get("observed"),
-                      what="the status patch")
+    status = wait_for(
+        lambda: (stored() or {}).get("status", {}).get("observed"), what="the status patch"
+    )
     assert status == 3
-    event = wait_for(lambda: [e for e in apiserver.list_objects("", "v1", "events", "default")
-                              if e.get("reason") == "Seen"], what="the event")[0]
+    event = wait_for(
+        lambda: [
+            e
+            for e in apiserver.list_objects("", "v1", "events", "default")
+            if e.get("reason") == "Seen"
+        ],
+        what="the event",
+    )[0]
     assert event["involvedObject"]["name"] == "w1"
     assert event["involvedObject"]["kind"] == "Widget"
     assert event["message"] == "widget w1 seen"
-    finalizers = wait_for(lambda: (stored() or {})["metadata"].get("finalizers"),
-                          what="kopf's finalizer")
+    finalizers = wait_for(
+        lambda: (stored() or {})["metadata"].get("finalizers"), what="kopf's finalizer"
+    )
     assert finalizers
 
     http.ok("PATCH", f"{WIDGETS}/w1", {"spec": {"size": 4}}, content_type=MERGE)
@@ -101,15 +121,24 @@ def test_kopf_handles_create_update_delete(apiserver: ApiServer, http: Http,
     wait_for(lambda: stored() is None, what="removal once kopf released its finalizer")
     assert operator.seen == [("create", "w1"), ("update", "w1"), ("delete", "w1")]
 
-    verbs = {(r.verb, r.resource, r.subresource) for r in apiserver.requests
-             if r.user_agent.startswith("kopf")}
-    assert {("list", "widgets", ""), ("watch", "widgets", ""), ("patch", "widgets", ""),
-            ("patch", "widgets", "status"), ("create", "events", ""),
-            ("watch", "customresourcedefinitions", "")} <= verbs
+    verbs = {
+        (r.verb, r.resource, r.subresource)
+        for r in apiserver.requests
+        if r.user_agent.startswith("kopf")
+    }
+    assert {
+        ("list", "widgets", ""),
+        ("watch", "widgets", ""),
+        ("patch", "widgets", ""),
+        ("patch", "widgets", "status"),
+        ("create", "events", ""),
+        ("watch", "customresourcedefinitions", ""),
+    } <= verbs
 
 
-def test_kopf_picks_up_a_crd_created_while_running(apiserver: ApiServer, http: Http,
-                                                   operator: Operator) -> None:
+def test_kopf_picks_up_a_crd_created_while_running(
+    apiserver: ApiServer, http: Http, operator: Operator
+) -> None:
     """kopf watches CRDs and rescans discovery: a re-created CRD is served and handled."""
     http.ok("DELETE", f"{CRDS}/widgets.example.com")
     http.ok("POST", CRDS, WIDGET_CRD)

@@ -23,25 +23,13 @@ import yaml
 
 from k8s_ext_connector.emulator import ApiServer
 from k8s_ext_connector.operator import rbac
+from tests.unit.samples import SEED_MANIFEST
 
 ROOT = Path(__file__).parents[2]
 CRD = ROOT / "charts" / "k8s-ext-connector" / "crds" / "externalservices.submariner.io.yaml"
 GATEWAY_LABEL = "ext-connector.submariner.io/gateway"
 
-SEED = """\
-apiVersion: submariner.io/v1alpha1
-kind: ExternalService
-metadata: {name: my-externalservice}
-spec:
-  targetIP: 192.168.122.139
-  sources:
-  - service: {namespace: ns1, name: my-service1}
-    sourceIP: 192.168.122.200
-  - service: {namespace: ns2, name: my-service2}
-    sourceIP: 192.168.122.201
-  ports:
-  - {protocol: TCP, port: 8000, targetPort: 8000}
-"""
+SEED = SEED_MANIFEST  # the seed's example, unchanged
 
 
 @dataclass

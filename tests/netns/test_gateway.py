@@ -7,6 +7,7 @@ import hashlib
 import signal
 import threading
 import time
+from contextlib import AbstractAsyncContextManager
 
 import asyncssh
 import pytest
@@ -21,11 +22,11 @@ from tests.netns.conftest import SeedLab
 pytestmark = pytest.mark.root
 
 
-async def _open_channel(
-    private_key: bytes, host_key: str, source_ip: str, target: str, port: int
-) -> str:
-    """A raw asyncssh client: authenticate, open direct-tcpip, GET / through it."""
-    async with asyncssh.connect(
+def raw_client(
+    private_key: bytes, host_key: str, source_ip: str = SOURCE_IPS[0]
+) -> AbstractAsyncContextManager[asyncssh.SSHClientConnection]:
+    """A raw asyncssh client with one key, pinning ``host_key``, no agent, no ssh config."""
+    return asyncssh.connect(
         source_ip,
         2022,
         username="probe",
@@ -33,7 +34,14 @@ async def _open_channel(
         known_hosts=([asyncssh.import_public_key(host_key)], [], []),
         agent_path=None,
         config=None,
-    ) as conn:
+    )
+
+
+async def _open_channel(
+    private_key: bytes, host_key: str, source_ip: str, target: str, port: int
+) -> str:
+    """A raw asyncssh client: authenticate, open direct-tcpip, GET / through it."""
+    async with raw_client(private_key, host_key, source_ip) as conn:
         reader, writer = await conn.open_connection(target, port)
         writer.write(b"GET / HTTP/1.0\r\n\r\n")
         writer.write_eof()
@@ -208,15 +216,7 @@ def test_invalid_config_on_reload_keeps_the_running_one(seed_lab: SeedLab) -> No
 
 async def _try_shell_and_remote_forward(private_key: bytes, host_key: str) -> list[str]:
     refused = []
-    async with asyncssh.connect(
-        SOURCE_IPS[0],
-        2022,
-        username="probe",
-        client_keys=[asyncssh.import_private_key(private_key)],
-        known_hosts=([asyncssh.import_public_key(host_key)], [], []),
-        agent_path=None,
-        config=None,
-    ) as conn:
+    async with raw_client(private_key, host_key) as conn:
         try:
             await conn.run("id", check=True)
         except asyncssh.ChannelOpenError:
@@ -242,15 +242,7 @@ def test_a_gateway_with_a_different_host_key_is_not_trusted(seed_lab: SeedLab) -
     key = seed_lab.keys.clients[SERVICE1].private_openssh
 
     async def connect() -> None:
-        async with asyncssh.connect(
-            SOURCE_IPS[0],
-            2022,
-            username="probe",
-            client_keys=[asyncssh.import_private_key(key)],
-            known_hosts=([asyncssh.import_public_key(impostor)], [], []),
-            agent_path=None,
-            config=None,
-        ):
+        async with raw_client(key, impostor):
             pass
 
     with pytest.raises(asyncssh.HostKeyNotVerifiable):

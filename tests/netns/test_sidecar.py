@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +29,30 @@ def egress_rules(lab: Lab, pod: str) -> list[str]:
         for line in lab.iptables_save(lab.pods[pod].netns).splitlines()
         if line.startswith("-A")
     ]
+
+
+def run_sidecar_cli(netns: str, config: Path, key: object) -> subprocess.CompletedProcess[str]:
+    """The real command in a pod's namespace, as the container would run it."""
+    return subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            netns,
+            sys.executable,
+            "-m",
+            "k8s_ext_connector",
+            "sidecar",
+            "--config",
+            str(config),
+            "--ssh-key",
+            str(key),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
 
 
 VALID = """\
@@ -65,26 +90,7 @@ def test_bad_input_exits_2_with_one_line_and_touches_no_rules(seed_lab: SeedLab,
     config = lab.workdir / f"bad-{case}.yaml"
     config.write_text(text)
     before = lab.iptables_save(pod.netns)
-    result = subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            pod.netns,
-            sys.executable,
-            "-m",
-            "k8s_ext_connector",
-            "sidecar",
-            "--config",
-            str(config),
-            "--ssh-key",
-            str(lab.pods["my-pod1"].key_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_sidecar_cli(pod.netns, config, lab.pods["my-pod1"].key_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -97,26 +103,7 @@ def test_missing_key_file_exits_2(seed_lab: SeedLab) -> None:
     pod = lab.pods["other-pod"]
     config = lab.workdir / "ok.yaml"
     config.write_text(VALID % lab.host_key.public_openssh)
-    result = subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            pod.netns,
-            sys.executable,
-            "-m",
-            "k8s_ext_connector",
-            "sidecar",
-            "--config",
-            str(config),
-            "--ssh-key",
-            "/nonexistent/key",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_sidecar_cli(pod.netns, config, "/nonexistent/key")
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "k8s-ext-connector sidecar: error: --ssh-key: '/nonexistent/key': No such file or directory"

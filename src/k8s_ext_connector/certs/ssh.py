@@ -12,6 +12,8 @@ from pathlib import Path
 
 import asyncssh
 
+from k8s_ext_connector.core.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class KeyPair:
@@ -37,6 +39,16 @@ def write_private_key(path: Path, pair: KeyPair) -> None:
     with os.fdopen(fd, "wb") as handle:
         handle.write(pair.private_openssh)
     path.with_name(path.name + ".pub").write_text(pair.public_openssh + "\n")
+
+
+def load_private_key(path: Path, option: str) -> asyncssh.SSHKey:
+    """Read an OpenSSH private key; a ConfigError names the command-line ``option``."""
+    try:
+        return asyncssh.read_private_key(str(path))
+    except OSError as error:
+        raise ConfigError(option, str(path), error.strerror or "cannot be read") from None
+    except (asyncssh.KeyImportError, ValueError):
+        raise ConfigError(option, str(path), "is not an OpenSSH private key") from None
 
 
 def public_key_of(private_key_path: Path) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
@@ -9,6 +10,23 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from k8s_ext_connector.core.ssh import install_fast_event_loop, quiet_asyncssh
+
+
+def add_log_level(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+
+
+def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options every file-configured agent shares."""
+    parser.add_argument(
+        "--reload-interval",
+        type=float,
+        default=1.0,
+        help="seconds between config file checks (SIGHUP reloads at once)",
+    )
+    add_log_level(parser)
 
 
 def setup_logging(level: str) -> None:

@@ -10,10 +10,15 @@ from pathlib import Path
 
 import asyncssh
 
+from k8s_ext_connector.certs.ssh import load_private_key
 from k8s_ext_connector.core.config import GatewayConfig, load_gateway_config
-from k8s_ext_connector.core.errors import ConfigError
 from k8s_ext_connector.core.reload import ConfigWatcher
-from k8s_ext_connector.core.run import run_agent, setup_logging, until_stopped
+from k8s_ext_connector.core.run import (
+    add_agent_arguments,
+    run_agent,
+    setup_logging,
+    until_stopped,
+)
 from k8s_ext_connector.gateway.addresses import IprouteAddresses
 from k8s_ext_connector.gateway.agent import GatewayAgent
 
@@ -39,15 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="IFACE",
         help="add the source IPs to IFACE at start, remove them at stop",
     )
-    parser.add_argument(
-        "--reload-interval",
-        type=float,
-        default=1.0,
-        help="seconds between config file checks (SIGHUP reloads at once)",
-    )
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
+    add_agent_arguments(parser)
 
 
 def settings_from(args: argparse.Namespace) -> GatewaySettings:
@@ -56,18 +53,9 @@ def settings_from(args: argparse.Namespace) -> GatewaySettings:
     )
 
 
-def load_host_key(path: Path) -> asyncssh.SSHKey:
-    try:
-        return asyncssh.read_private_key(str(path))
-    except OSError as error:
-        raise ConfigError("--host-key", str(path), error.strerror or "cannot be read") from None
-    except (asyncssh.KeyImportError, ValueError):
-        raise ConfigError("--host-key", str(path), "is not an OpenSSH private key") from None
-
-
 def run(settings: GatewaySettings) -> int:
     config = load_gateway_config(settings.config_path)  # errors before any side effect
-    host_key = load_host_key(settings.host_key_path)
+    host_key = load_private_key(settings.host_key_path, "--host-key")
     setup_logging(settings.log_level)
     return run_agent(lambda: _serve(settings, config, host_key))
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from k8s_ext_connector.core.errors import ConfigError
 from k8s_ext_connector.core.kube import KubeClient, load_credentials
-from k8s_ext_connector.core.run import run_agent, setup_logging
+from k8s_ext_connector.core.run import add_log_level, run_agent, setup_logging
 from k8s_ext_connector.operator.desired import OperatorSettings
 from k8s_ext_connector.operator.leader import LeaderElector
 
@@ -46,9 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run without a Lease (a single replica only)",
     )
     parser.add_argument("--identity", default=os.environ.get("POD_NAME") or socket.gethostname())
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
+    add_log_level(parser)
 
 
 def command_from(args: argparse.Namespace) -> OperatorCommand:

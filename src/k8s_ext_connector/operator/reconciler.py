@@ -198,29 +198,23 @@ class Reconciler:
                 try:
                     await self.client.create(SERVICES, namespace, manifest)
                     log.info("created Service %s/%s", namespace, name)
+                    continue
                 except Conflict:
-                    await self.client.merge_patch(
-                        SERVICES,
-                        namespace,
-                        name,
-                        {
-                            "metadata": {"labels": manifest["metadata"]["labels"]},
-                            "spec": {"ports": manifest["spec"]["ports"]},
-                        },
-                    )
-            elif current.ports != wanted_ports or not set(
+                    pass  # exists but not yet in our cache (or lost its label): patch it
+            elif current.ports == wanted_ports and set(
                 manifest["metadata"]["labels"].items()
             ) <= set(current.labels):
-                await self.client.merge_patch(
-                    SERVICES,
-                    namespace,
-                    name,
-                    {
-                        "metadata": {"labels": manifest["metadata"]["labels"]},
-                        "spec": {"ports": manifest["spec"]["ports"]},
-                    },
-                )
-                log.info("updated Service %s/%s", namespace, name)
+                continue
+            await self.client.merge_patch(
+                SERVICES,
+                namespace,
+                name,
+                {
+                    "metadata": {"labels": manifest["metadata"]["labels"]},
+                    "spec": {"ports": manifest["spec"]["ports"]},
+                },
+            )
+            log.info("updated Service %s/%s", namespace, name)
         for key in sorted(set(observed) - set(desired)):
             await self.client.delete(SERVICES, *key)
             log.info("deleted Service %s/%s", *key)

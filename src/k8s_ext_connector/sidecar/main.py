@@ -10,12 +10,17 @@ from pathlib import Path
 
 import asyncssh
 
+from k8s_ext_connector.certs.ssh import load_private_key
 from k8s_ext_connector.core import iptables
 from k8s_ext_connector.core.config import SidecarConfig, load_sidecar_config
-from k8s_ext_connector.core.errors import ConfigError
 from k8s_ext_connector.core.health import serve_health
 from k8s_ext_connector.core.reload import ConfigWatcher
-from k8s_ext_connector.core.run import run_agent, setup_logging, until_stopped
+from k8s_ext_connector.core.run import (
+    add_agent_arguments,
+    run_agent,
+    setup_logging,
+    until_stopped,
+)
 from k8s_ext_connector.sidecar.agent import SidecarAgent, check_supported
 
 log = logging.getLogger(__name__)
@@ -52,15 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="address of the /healthz and /ready endpoint (kubelet probes)",
     )
     parser.add_argument("--health-port", type=int, default=15021, help="0 disables it")
-    parser.add_argument(
-        "--reload-interval",
-        type=float,
-        default=1.0,
-        help="seconds between config file checks (SIGHUP reloads at once)",
-    )
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
+    add_agent_arguments(parser)
 
 
 def settings_from(args: argparse.Namespace) -> SidecarSettings:
@@ -75,19 +72,10 @@ def settings_from(args: argparse.Namespace) -> SidecarSettings:
     )
 
 
-def load_client_key(path: Path) -> asyncssh.SSHKey:
-    try:
-        return asyncssh.read_private_key(str(path))
-    except OSError as error:
-        raise ConfigError("--ssh-key", str(path), error.strerror or "cannot be read") from None
-    except (asyncssh.KeyImportError, ValueError):
-        raise ConfigError("--ssh-key", str(path), "is not an OpenSSH private key") from None
-
-
 def run(settings: SidecarSettings) -> int:
     config = load_sidecar_config(settings.config_path)  # errors before any side effect
     check_supported(config)
-    client_key = load_client_key(settings.ssh_key_path)
+    client_key = load_private_key(settings.ssh_key_path, "--ssh-key")
     setup_logging(settings.log_level)
     backend: iptables.Backend = (
         iptables.detect_backend()
