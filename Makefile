@@ -1,6 +1,7 @@
 # Thin aliases. The README's two commands: `make lab` and `make test` (as root).
 VENV ?= .venv
 BIN := $(VENV)/bin
+export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
 .PHONY: install lab test unit netns lint bench golden clean
 
