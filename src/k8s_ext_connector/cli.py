@@ -26,6 +26,22 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wait_ready(args: argparse.Namespace) -> int:
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{args.port}/ready", timeout=1):
+                return 0
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.2)
+    print(f"k8s-ext-connector wait-ready: not ready after {args.timeout}s", file=sys.stderr)
+    return 1
+
+
 def _rbac(args: argparse.Namespace) -> int:
     from k8s_ext_connector.operator import rbac
 
@@ -54,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     operator = commands.add_parser("operator", help="the kopf operator (control plane)")
     operator_main.add_arguments(operator)
     operator.set_defaults(handler=operator_main.run)
+
+    wait_ready = commands.add_parser(
+        "wait-ready", help="block until the local sidecar is ready (postStart hook fallback)"
+    )
+    wait_ready.add_argument("--port", type=int, default=15021)
+    wait_ready.add_argument("--timeout", type=float, default=300)
+    wait_ready.set_defaults(handler=_wait_ready)
 
     rbac = commands.add_parser("rbac", help="print the RBAC a component needs (YAML)")
     rbac.add_argument("component", choices=["operator"])

@@ -17,9 +17,16 @@ class ApiError(Exception):
         self.code, self.reason, self.message, self.details = code, reason, message, details
 
     def status(self) -> dict[str, Any]:
-        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                "message": self.message, "reason": self.reason, "code": self.code,
-                **({"details": self.details} if self.details else {})}
+        return {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code,
+            **({"details": self.details} if self.details else {}),
+        }
 
     @classmethod
     def about(cls, code: int, reason: str, qualified: str, name: str, text: str) -> ApiError:
@@ -38,14 +45,25 @@ class ApiError(Exception):
 
     @classmethod
     def conflict(cls, qualified: str, name: str) -> ApiError:
-        return cls.about(409, "Conflict", qualified, name, "Operation cannot be fulfilled on {}: "
-                         "the object has been modified; please apply your changes to the "
-                         "latest version and try again")
+        return cls.about(
+            409,
+            "Conflict",
+            qualified,
+            name,
+            "Operation cannot be fulfilled on {}: "
+            "the object has been modified; please apply your changes to the "
+            "latest version and try again",
+        )
 
     @classmethod
     def invalid(cls, qualified: str, name: str, why: str) -> ApiError:
-        return cls.about(422, "Invalid", qualified, name, "{} is invalid: " + why.replace(
-            "{", "{{").replace("}", "}}"))
+        return cls.about(
+            422,
+            "Invalid",
+            qualified,
+            name,
+            "{} is invalid: " + why.replace("{", "{{").replace("}", "}}"),
+        )
 
     @classmethod
     def not_found_path(cls) -> ApiError:

@@ -14,7 +14,8 @@ from typing import Any
 from k8s_ext_connector.emulator.errors import ApiError
 
 MERGE, JSON, STRATEGIC = (
-    "application/merge-patch+json", "application/json-patch+json",
+    "application/merge-patch+json",
+    "application/json-patch+json",
     "application/strategic-merge-patch+json",
 )
 
@@ -30,8 +31,11 @@ def apply(content_type: str, target: dict[str, Any], patch: Any) -> dict[str, An
         elif kind == STRATEGIC:
             result = strategic_merge(target, patch)
         else:
-            raise ApiError(415, "UnsupportedMediaType",
-                           f"the body of the request was in an unknown format: {kind}")
+            raise ApiError(
+                415,
+                "UnsupportedMediaType",
+                f"the body of the request was in an unknown format: {kind}",
+            )
     except (KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
         raise ApiError(422, "Invalid", f"the patch cannot be applied: {e!r}") from e
     if not isinstance(result, dict):
@@ -124,12 +128,16 @@ def _merge_key(order: list[Any] | None, items: list[Any]) -> str | None:
     return None
 
 
-def _merge_list(current: Any, items: list[Any], order: list[Any] | None,
-                deleted: list[Any]) -> list[Any]:
+def _merge_list(
+    current: Any, items: list[Any], order: list[Any] | None, deleted: list[Any]
+) -> list[Any]:
     current = list(current) if isinstance(current, list) else []
     key = _merge_key(order, items)
-    merging = order is not None or bool(deleted) or any(
-        isinstance(i, dict) and "$patch" in i for i in items)
+    merging = (
+        order is not None
+        or bool(deleted)
+        or any(isinstance(i, dict) and "$patch" in i for i in items)
+    )
     if not merging:
         return [_strip(i) for i in items]
     if key is None:  # a merging list of primitives
@@ -137,10 +145,16 @@ def _merge_list(current: Any, items: list[Any], order: list[Any] | None,
     else:
         result = [copy.deepcopy(x) for x in current]
         for item in items:
-            at = next((n for n, x in enumerate(result)
-                       if isinstance(x, dict) and x.get(key) == item.get(key)), None)
+            at = next(
+                (
+                    n
+                    for n, x in enumerate(result)
+                    if isinstance(x, dict) and x.get(key) == item.get(key)
+                ),
+                None,
+            )
             if item.get("$patch") == "delete":
-                result = result if at is None else result[:at] + result[at + 1:]
+                result = result if at is None else result[:at] + result[at + 1 :]
             elif at is None:
                 result.append(_strip(item))
             else:
@@ -160,16 +174,21 @@ def strategic_merge(target: Any, patch: Any) -> Any:
         return _strip(patch)
     result = dict(target) if isinstance(target, dict) else {}
     fields = {k for k in patch if not k.startswith("$")} | {
-        k.split("/", 1)[1] for k in patch if k.startswith(("$setElementOrder/",
-                                                           "$deleteFromPrimitiveList/"))}
+        k.split("/", 1)[1]
+        for k in patch
+        if k.startswith(("$setElementOrder/", "$deleteFromPrimitiveList/"))
+    }
     for key in fields:
         value = patch.get(key, result.get(key))
         if key in patch and value is None:
             result.pop(key, None)
         elif isinstance(value, list):
-            result[key] = _merge_list(result.get(key), value if key in patch else [],
-                                      patch.get(f"$setElementOrder/{key}"),
-                                      patch.get(f"$deleteFromPrimitiveList/{key}", []))
+            result[key] = _merge_list(
+                result.get(key),
+                value if key in patch else [],
+                patch.get(f"$setElementOrder/{key}"),
+                patch.get(f"$deleteFromPrimitiveList/{key}", []),
+            )
         elif isinstance(value, dict) and value.get("$patch") == "delete":
             result.pop(key, None)
         elif key in patch:

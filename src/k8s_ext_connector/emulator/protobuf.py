@@ -42,22 +42,28 @@ def _fields(buf: bytes) -> dict[int, list[Any]]:
             size = 8 if wire == 1 else 4
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
-        values.append(buf[pos:pos + size])
+        values.append(buf[pos : pos + size])
         pos += size
     return out
 
 
 def _map(entries: list[bytes], binary: bool = False) -> dict[str, str]:
     pairs = [_fields(entry) for entry in entries]
-    return {p.get(1, [b""])[0].decode(): base64.b64encode(p.get(2, [b""])[0]).decode() if binary
-            else p.get(2, [b""])[0].decode() for p in pairs}
+    return {
+        p.get(1, [b""])[0].decode(): base64.b64encode(p.get(2, [b""])[0]).decode()
+        if binary
+        else p.get(2, [b""])[0].decode()
+        for p in pairs
+    }
 
 
 def _metadata(buf: bytes) -> dict[str, Any]:
     f = _fields(buf)
-    meta: dict[str, Any] = {key: f[n][0].decode() for n, key in
-                            ((1, "name"), (2, "generateName"), (3, "namespace"))
-                            if f.get(n, [b""])[0]}
+    meta: dict[str, Any] = {
+        key: f[n][0].decode()
+        for n, key in ((1, "name"), (2, "generateName"), (3, "namespace"))
+        if f.get(n, [b""])[0]
+    }
     for n, key in ((11, "labels"), (12, "annotations")):
         if n in f:
             meta[key] = _map(f[n])
@@ -71,21 +77,30 @@ def decode(body: bytes) -> dict[str, Any]:
     if not body.startswith(MAGIC):
         raise ApiError.bad_request("protobuf body without the k8s envelope")
     try:
-        envelope = _fields(body[len(MAGIC):])
+        envelope = _fields(body[len(MAGIC) :])
         type_meta = _fields(envelope[1][0])
         api_version, kind = type_meta[1][0].decode(), type_meta[2][0].decode()
         f = _fields(envelope.get(2, [b""])[0])
     except (ValueError, KeyError, IndexError) as e:
         raise ApiError.bad_request(f"undecodable protobuf body: {e}") from e
-    obj: dict[str, Any] = {"apiVersion": api_version, "kind": kind,
-                           "metadata": _metadata(f.get(1, [b""])[0])}
+    obj: dict[str, Any] = {
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": _metadata(f.get(1, [b""])[0]),
+    }
     if kind == "ConfigMap":
         obj.update(data=_map(f.get(2, [])), binaryData=_map(f.get(3, []), binary=True))
     elif kind == "Secret":
-        obj.update(data=_map(f.get(2, []), binary=True), stringData=_map(f.get(4, [])),
-                   type=f[3][0].decode() if 3 in f else "Opaque")
+        obj.update(
+            data=_map(f.get(2, []), binary=True),
+            stringData=_map(f.get(4, [])),
+            type=f[3][0].decode() if 3 in f else "Opaque",
+        )
     elif kind not in ("Namespace", "ServiceAccount"):
-        raise ApiError(415, "UnsupportedMediaType",
-                       f"protobuf is only decoded for Namespace, ConfigMap, Secret and "
-                       f"ServiceAccount, not {kind}: send JSON (kubectl apply does)")
+        raise ApiError(
+            415,
+            "UnsupportedMediaType",
+            f"protobuf is only decoded for Namespace, ConfigMap, Secret and "
+            f"ServiceAccount, not {kind}: send JSON (kubectl apply does)",
+        )
     return {k: v for k, v in obj.items() if v or k == "metadata"}

@@ -42,11 +42,23 @@ class ResourceType:
         return f"{self.plural}.{self.group}" if self.group else self.plural
 
     def discovery(self) -> list[Obj]:
-        main = {"name": self.plural, "singularName": self.kind.lower(), "kind": self.kind,
-                "namespaced": self.namespaced, "verbs": VERBS,
-                "shortNames": list(self.short_names), "categories": list(self.categories)}
-        status = {**main, "name": f"{self.plural}/status", "singularName": "",
-                  "verbs": ["get", "patch", "update"], "shortNames": [], "categories": []}
+        main = {
+            "name": self.plural,
+            "singularName": self.kind.lower(),
+            "kind": self.kind,
+            "namespaced": self.namespaced,
+            "verbs": VERBS,
+            "shortNames": list(self.short_names),
+            "categories": list(self.categories),
+        }
+        status = {
+            **main,
+            "name": f"{self.plural}/status",
+            "singularName": "",
+            "verbs": ["get", "patch", "update"],
+            "shortNames": [],
+            "categories": [],
+        }
         return [main, status] if self.status else [main]
 
 
@@ -55,12 +67,20 @@ def _builtin(line: str) -> ResourceType:
     gv, plural, kind, scope, shorts, flags = line.split()
     group, _, version = gv.rpartition("/")
     return ResourceType(
-        group, version, kind.lower() + "s" if plural == "*" else plural, kind, scope == "ns",
-        tuple(s for s in shorts.split(",") if s != "-"), ("all",) if "all" in flags else (),
-        "status" in flags)
+        group,
+        version,
+        kind.lower() + "s" if plural == "*" else plural,
+        kind,
+        scope == "ns",
+        tuple(s for s in shorts.split(",") if s != "-"),
+        ("all",) if "all" in flags else (),
+        "status" in flags,
+    )
 
 
-_BUILTINS = [_builtin(line) for line in """
+_BUILTINS = [
+    _builtin(line)
+    for line in """
     v1 namespaces Namespace cluster ns status
     v1 nodes Node cluster no status
     v1 services Service ns svc status,all
@@ -81,7 +101,8 @@ _BUILTINS = [_builtin(line) for line in """
     rbac.authorization.k8s.io/v1 rolebindings RoleBinding ns - -
     rbac.authorization.k8s.io/v1 clusterroles ClusterRole cluster - -
     rbac.authorization.k8s.io/v1 clusterrolebindings ClusterRoleBinding cluster - -
-""".strip().splitlines()]
+""".strip().splitlines()
+]
 
 
 def crd_types(crd: Obj) -> list[ResourceType]:
@@ -93,11 +114,21 @@ def crd_types(crd: Obj) -> list[ResourceType]:
         raise ApiError.invalid(CRD_PLURAL, name, "spec.group, spec.names and spec.versions")
     if name != f"{plural}.{group}":
         raise ApiError.invalid(CRD_PLURAL, name, f"metadata.name must be {plural}.{group}")
-    return [ResourceType(
-        group, v["name"], plural, kind, spec.get("scope", "Namespaced") == "Namespaced",
-        tuple(names.get("shortNames", [])), tuple(names.get("categories", [])),
-        "status" in (v.get("subresources") or {}), tuple(v.get("additionalPrinterColumns", [])),
-    ) for v in spec["versions"] if v.get("served", True)]
+    return [
+        ResourceType(
+            group,
+            v["name"],
+            plural,
+            kind,
+            spec.get("scope", "Namespaced") == "Namespaced",
+            tuple(names.get("shortNames", [])),
+            tuple(names.get("categories", [])),
+            "status" in (v.get("subresources") or {}),
+            tuple(v.get("additionalPrinterColumns", [])),
+        )
+        for v in spec["versions"]
+        if v.get("served", True)
+    ]
 
 
 class Registry:
@@ -111,8 +142,10 @@ class Registry:
 
     def find(self, **fields: str) -> ResourceType | None:
         """The first type whose attributes equal ``fields`` (e.g. api_version and kind)."""
-        return next((t for t in self._types.values()
-                     if all(getattr(t, k) == v for k, v in fields.items())), None)
+        return next(
+            (t for t in self._types.values() if all(getattr(t, k) == v for k, v in fields.items())),
+            None,
+        )
 
     def register(self, types: list[ResourceType]) -> None:
         self._types.update({(t.group, t.version, t.plural): t for t in types})
@@ -137,22 +170,38 @@ class Registry:
     # Legacy (non-aggregated) discovery: kubectl falls back to it, kopf only reads it.
 
     def api_group(self, group: str) -> Obj:
-        versions = [{"groupVersion": f"{group}/{v}", "version": v}
-                    for v in self.group_versions().get(group, [])]
+        versions = [
+            {"groupVersion": f"{group}/{v}", "version": v}
+            for v in self.group_versions().get(group, [])
+        ]
         if not group or not versions:
             raise ApiError.not_found_path()
-        return {"kind": "APIGroup", "apiVersion": "v1", "name": group, "versions": versions,
-                "preferredVersion": versions[0]}
+        return {
+            "kind": "APIGroup",
+            "apiVersion": "v1",
+            "name": group,
+            "versions": versions,
+            "preferredVersion": versions[0],
+        }
 
     def api_group_list(self) -> Obj:
-        return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
-            {k: v for k, v in self.api_group(g).items() if k not in ("kind", "apiVersion")}
-            for g in self.group_versions() if g]}
+        return {
+            "kind": "APIGroupList",
+            "apiVersion": "v1",
+            "groups": [
+                {k: v for k, v in self.api_group(g).items() if k not in ("kind", "apiVersion")}
+                for g in self.group_versions()
+                if g
+            ],
+        }
 
     def resource_list(self, group: str, version: str) -> Obj:
-        return {"kind": "APIResourceList", "apiVersion": "v1",
-                "groupVersion": f"{group}/{version}" if group else version,
-                "resources": [e for t in self._of(group, version) for e in t.discovery()]}
+        return {
+            "kind": "APIResourceList",
+            "apiVersion": "v1",
+            "groupVersion": f"{group}/{version}" if group else version,
+            "resources": [e for t in self._of(group, version) for e in t.discovery()],
+        }
 
     # OpenAPI v3: just enough for kubectl to trust server-side field validation.
 
@@ -165,15 +214,30 @@ class Registry:
         for t in self._of(group, version):
             prefix = f"/apis/{group}/{version}" if group else f"/api/{version}"
             ns = "/namespaces/{namespace}" if t.namespaced else ""
-            paths[f"{prefix}{ns}/{t.plural}/{{name}}"] = {"patch": {
-                "x-kubernetes-group-version-kind": {"group": group, "version": version,
-                                                    "kind": t.kind},
-                "parameters": [{"name": "fieldValidation", "in": "query",
-                                "schema": {"type": "string"}}],
-                "requestBody": {"content": {"application/json-patch+json": {},
-                                            "application/merge-patch+json": {}}}}}
-        return {"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "emulated"},
-                "paths": paths, "components": {"schemas": {}}}
+            paths[f"{prefix}{ns}/{t.plural}/{{name}}"] = {
+                "patch": {
+                    "x-kubernetes-group-version-kind": {
+                        "group": group,
+                        "version": version,
+                        "kind": t.kind,
+                    },
+                    "parameters": [
+                        {"name": "fieldValidation", "in": "query", "schema": {"type": "string"}}
+                    ],
+                    "requestBody": {
+                        "content": {
+                            "application/json-patch+json": {},
+                            "application/merge-patch+json": {},
+                        }
+                    },
+                }
+            }
+        return {
+            "openapi": "3.0.0",
+            "info": {"title": "Kubernetes", "version": "emulated"},
+            "paths": paths,
+            "components": {"schemas": {}},
+        }
 
     def openapi_root(self) -> Obj:
         """The index; each hash changes with its document, so kubectl's cache follows CRDs."""

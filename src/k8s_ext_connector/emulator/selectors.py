@@ -36,8 +36,11 @@ def _requirement(text: str) -> Callable[[dict[str, str]], bool]:
         raise ApiError.bad_request(f"unable to parse requirement: {text!r}")
     key, value = m["key"], m["value"]
     if m["op"]:
-        return (lambda labels: labels.get(key) != value) if m["op"] == "!=" else (
-            lambda labels: labels.get(key) == value)
+        return (
+            (lambda labels: labels.get(key) != value)
+            if m["op"] == "!="
+            else (lambda labels: labels.get(key) == value)
+        )
     if m["set"]:
         values = {v.strip() for v in m["values"].split(",")}
         if m["set"] == "in":

@@ -23,10 +23,12 @@ from k8s_ext_connector.emulator.store import Store, WatchEvent
 
 Obj = dict[str, Any]
 AdmissionHook = Callable[[Obj], "Obj | Awaitable[Obj | None] | None"]
-VERSION = {"major": "1", "minor": "32", "gitVersion": "v1.32.0-emulator",
-           "platform": "linux/amd64"}
-API_VERSIONS = {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [
-    {"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]}
+VERSION = {"major": "1", "minor": "32", "gitVersion": "v1.32.0-emulator", "platform": "linux/amd64"}
+API_VERSIONS = {
+    "kind": "APIVersions",
+    "versions": ["v1"],
+    "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}],
+}
 SYSTEM_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 _WRITE_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch"}
 
@@ -64,27 +66,39 @@ class Call:
     def verb(self) -> str:
         method, query = self.request.method, self.request.query
         if method == "GET":
-            return "watch" if query.get("watch") in ("true", "1") else (
-                "get" if self.name else "list")
+            return (
+                "watch" if query.get("watch") in ("true", "1") else ("get" if self.name else "list")
+            )
         if method == "DELETE":
             return "delete" if self.name else "deletecollection"
         if method not in _WRITE_VERBS or (method == "POST") == bool(self.name):
-            raise ApiError(405, "MethodNotAllowed",
-                           "the server does not allow this method on the requested resource")
+            raise ApiError(
+                405,
+                "MethodNotAllowed",
+                "the server does not allow this method on the requested resource",
+            )
         return _WRITE_VERBS[method]
 
     def match(self) -> selectors.Match:
-        return selectors.both(self.request.query.get("labelSelector"),
-                              self.request.query.get("fieldSelector"))
+        return selectors.both(
+            self.request.query.get("labelSelector"), self.request.query.get("fieldSelector")
+        )
 
     def render(self, objs: list[Obj], rv: str, single: Obj | None = None) -> Obj:
         """A Table if the client asked for one (kubectl get), else the object or a list."""
         if "as=Table" in self.request.headers.get("Accept", ""):
             include = self.request.query.get("includeObject", "Metadata")
             return tables.table(self.rt, objs, include, rv)
-        return single if single is not None else {
-            "kind": f"{self.rt.kind}List", "apiVersion": self.rt.api_version,
-            "metadata": {"resourceVersion": rv}, "items": objs}
+        return (
+            single
+            if single is not None
+            else {
+                "kind": f"{self.rt.kind}List",
+                "apiVersion": self.rt.api_version,
+                "metadata": {"resourceVersion": rv},
+                "items": objs,
+            }
+        )
 
     async def body(self) -> Any:
         """JSON, YAML or (from kubectl create) protobuf."""
@@ -99,8 +113,11 @@ class Call:
 
     def crd_removed(self, event: WatchEvent) -> bool:
         """Whether ``event`` removes this resource's CRD (which ends a watch on it)."""
-        return event.type == "DELETED" and (event.group, event.plural) == (
-            CRD_GROUP, CRD_PLURAL) and event.obj["metadata"]["name"] == self.rt.qualified
+        return (
+            event.type == "DELETED"
+            and (event.group, event.plural) == (CRD_GROUP, CRD_PLURAL)
+            and event.obj["metadata"]["name"] == self.rt.qualified
+        )
 
     def check(self, obj: Any) -> Obj:
         """The body as an object whose name and namespace agree with the URL (else 400)."""
@@ -108,19 +125,22 @@ class Call:
             raise ApiError.bad_request("the request body must be an object")
         meta = obj.get("metadata") or {}
         if self.name and meta.get("name") != self.name:
-            raise ApiError.bad_request(f"the name of the object ({meta.get('name')}) does not "
-                                       f"match the name on the URL ({self.name})")
+            raise ApiError.bad_request(
+                f"the name of the object ({meta.get('name')}) does not "
+                f"match the name on the URL ({self.name})"
+            )
         if self.rt.namespaced and meta.get("namespace") not in (None, "", self.namespace):
-            raise ApiError.bad_request("the namespace of the provided object does not match "
-                                       "the namespace sent on the request")
+            raise ApiError.bad_request(
+                "the namespace of the provided object does not match "
+                "the namespace sent on the request"
+            )
         return obj
 
 
 class ApiServer:
     """A Kubernetes API server emulator on real HTTP (see the package docstring)."""
 
-    def __init__(self, admission_hook: AdmissionHook | None = None,
-                 history: int = 10_000) -> None:
+    def __init__(self, admission_hook: AdmissionHook | None = None, history: int = 10_000) -> None:
         self.registry = Registry()
         self.store = Store(self.registry, history)
         self.requests: list[RecordedRequest] = []
@@ -128,8 +148,9 @@ class ApiServer:
         self.url = ""
         self._runner: web.AppRunner | None = None
         for name in SYSTEM_NAMESPACES:
-            self.create_object({"apiVersion": "v1", "kind": "Namespace",
-                                "metadata": {"name": name}})
+            self.create_object(
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+            )
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         app = web.Application(client_max_size=32 * 1024 * 1024)
@@ -164,12 +185,27 @@ class ApiServer:
     def write_kubeconfig(self, path: str | Path, namespace: str = "default") -> Path:
         """Plain http, no credentials, current-context set: kubectl and kopf accept it."""
         path = Path(path)
-        path.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-            "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
-            "users": [{"name": "emulator", "user": {}}],
-            "contexts": [{"name": "emulator", "context": {
-                "cluster": "emulator", "user": "emulator", "namespace": namespace}}]}))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "emulator",
+                    "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
+                    "users": [{"name": "emulator", "user": {}}],
+                    "contexts": [
+                        {
+                            "name": "emulator",
+                            "context": {
+                                "cluster": "emulator",
+                                "user": "emulator",
+                                "namespace": namespace,
+                            },
+                        }
+                    ],
+                }
+            )
+        )
         return path
 
     # Direct store access for tests (thread-safe; no HTTP, no admission, not recorded).
@@ -180,15 +216,17 @@ class ApiServer:
             raise KeyError(f"{plural}.{group}/{version} is not served")
         return rt
 
-    def get_object(self, group: str, version: str, plural: str, namespace: str,
-                   name: str) -> Obj | None:
+    def get_object(
+        self, group: str, version: str, plural: str, namespace: str, name: str
+    ) -> Obj | None:
         try:
             return self.store.get(self._rt(group, version, plural), namespace, name)
         except ApiError:
             return None
 
-    def list_objects(self, group: str, version: str, plural: str,
-                     namespace: str | None = None) -> list[Obj]:
+    def list_objects(
+        self, group: str, version: str, plural: str, namespace: str | None = None
+    ) -> list[Obj]:
         return self.store.select(self._rt(group, version, plural), namespace)[0]
 
     def create_object(self, obj: Obj) -> Obj:
@@ -205,12 +243,18 @@ class ApiServer:
             document = self._non_resource(request.path) if request.method == "GET" else None
             if document is not None:
                 self._record(request, "get")
-                return web.json_response(document) if isinstance(document, dict) else \
-                    web.Response(text=document)
+                return (
+                    web.json_response(document)
+                    if isinstance(document, dict)
+                    else web.Response(text=document)
+                )
             call = self._parse(request)
             self._record(request, call.verb, call)
-            if call.subresource and (call.subresource != "status" or not call.rt.status
-                                     or call.verb not in ("get", "update", "patch")):
+            if call.subresource and (
+                call.subresource != "status"
+                or not call.rt.status
+                or call.verb not in ("get", "update", "patch")
+            ):
                 raise ApiError.not_found_path()
             if "dryRun" in request.query:
                 raise ApiError.bad_request("dryRun is not emulated")
@@ -220,10 +264,19 @@ class ApiServer:
             return web.json_response(e.status(), status=e.code)
 
     def _record(self, request: web.Request, verb: str, call: Call | None = None) -> None:
-        self.requests.append(RecordedRequest(
-            verb, call.rt.group if call else "", call.rt.plural if call else "",
-            call.subresource if call else "", call.ns if call else "", call.name if call else "",
-            request.headers.get("User-Agent", ""), request.method, request.path))
+        self.requests.append(
+            RecordedRequest(
+                verb,
+                call.rt.group if call else "",
+                call.rt.plural if call else "",
+                call.subresource if call else "",
+                call.ns if call else "",
+                call.name if call else "",
+                request.headers.get("User-Agent", ""),
+                request.method,
+                request.path,
+            )
+        )
 
     def _non_resource(self, path: str) -> Obj | str | None:
         parts = path.strip("/").split("/")
@@ -236,12 +289,15 @@ class ApiServer:
                 return self.registry.openapi(parts[3], parts[4])
             raise ApiError.not_found_path()  # no OpenAPI v2: kubectl copes
         documents: dict[tuple[str, int], Callable[[], Obj | str]] = {
-            ("version", 1): lambda: VERSION, ("api", 1): lambda: API_VERSIONS,
+            ("version", 1): lambda: VERSION,
+            ("api", 1): lambda: API_VERSIONS,
             ("api", 2): lambda: self.registry.resource_list("", parts[1]),
             ("apis", 1): self.registry.api_group_list,
             ("apis", 2): lambda: self.registry.api_group(parts[1]),
             ("apis", 3): lambda: self.registry.resource_list(parts[1], parts[2]),
-            ("healthz", 1): lambda: "ok", ("livez", 1): lambda: "ok", ("readyz", 1): lambda: "ok",
+            ("healthz", 1): lambda: "ok",
+            ("livez", 1): lambda: "ok",
+            ("readyz", 1): lambda: "ok",
         }
         make = documents.get((parts[0], len(parts)))
         return make() if make else None
@@ -270,8 +326,9 @@ class ApiServer:
         return web.json_response(call.render([obj], obj["metadata"]["resourceVersion"], obj))
 
     async def _do_list(self, call: Call) -> web.Response:
-        return web.json_response(call.render(*self.store.select(
-            call.rt, call.namespace, call.match())))
+        return web.json_response(
+            call.render(*self.store.select(call.rt, call.namespace, call.match()))
+        )
 
     async def _do_create(self, call: Call) -> web.Response:
         obj = call.check(await call.body())
@@ -291,21 +348,26 @@ class ApiServer:
         except ApiError:
             raise
         except Exception as e:
-            raise ApiError(500, "InternalError",
-                           f"Internal error occurred: failed calling admission hook: {e}") from e
+            raise ApiError(
+                500, "InternalError", f"Internal error occurred: failed calling admission hook: {e}"
+            ) from e
         return pod if result is None else result
 
     async def _do_update(self, call: Call) -> web.Response:
-        return web.json_response(self.store.update(
-            call.rt, call.ns, call.name, call.check(await call.body()), call.subresource))
+        return web.json_response(
+            self.store.update(
+                call.rt, call.ns, call.name, call.check(await call.body()), call.subresource
+            )
+        )
 
     async def _do_patch(self, call: Call) -> web.Response:
         body = await call.body()
         with self.store.lock:
             current = self.store.get(call.rt, call.ns, call.name)
             patched = call.check(patch.apply(call.request.content_type, current, body))
-            return web.json_response(self.store.update(
-                call.rt, call.ns, call.name, patched, call.subresource))
+            return web.json_response(
+                self.store.update(call.rt, call.ns, call.name, patched, call.subresource)
+            )
 
     async def _do_delete(self, call: Call) -> web.Response:
         return web.json_response(self.store.delete(call.rt, call.ns, call.name))
@@ -313,8 +375,12 @@ class ApiServer:
     async def _do_deletecollection(self, call: Call) -> web.Response:
         with self.store.lock:
             items, rv = self.store.select(call.rt, call.namespace, call.match())
-            gone = [self.store.delete(call.rt, o["metadata"].get("namespace", ""),
-                                      o["metadata"]["name"]) for o in items]
+            gone = [
+                self.store.delete(
+                    call.rt, o["metadata"].get("namespace", ""), o["metadata"]["name"]
+                )
+                for o in items
+            ]
         return web.json_response(call.render(gone, rv))
 
     async def _do_watch(self, call: Call) -> web.StreamResponse:
@@ -328,8 +394,9 @@ class ApiServer:
 
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         try:
-            backlog = self.store.subscribe(listener, call.request.query.get("resourceVersion"),
-                                           call.rt)
+            backlog = self.store.subscribe(
+                listener, call.request.query.get("resourceVersion"), call.rt
+            )
         except ApiError as e:
             if e.code != 410:
                 raise
@@ -343,10 +410,22 @@ class ApiServer:
             for event in backlog:
                 await self._send(response, call, match, event)
             if call.request.query.get("sendInitialEvents") == "true":  # watch-list clients
-                await response.write(json.dumps({"type": "BOOKMARK", "object": {
-                    "kind": call.rt.kind, "apiVersion": call.rt.api_version, "metadata": {
-                        "resourceVersion": self.store.resource_version,
-                        "annotations": {"k8s.io/initial-events-end": "true"}}}}).encode() + b"\n")
+                await response.write(
+                    json.dumps(
+                        {
+                            "type": "BOOKMARK",
+                            "object": {
+                                "kind": call.rt.kind,
+                                "apiVersion": call.rt.api_version,
+                                "metadata": {
+                                    "resourceVersion": self.store.resource_version,
+                                    "annotations": {"k8s.io/initial-events-end": "true"},
+                                },
+                            },
+                        }
+                    ).encode()
+                    + b"\n"
+                )
             while True:
                 remaining = None if deadline is None else max(0.0, deadline - loop.time())
                 live = await asyncio.wait_for(queue.get(), remaining)
@@ -361,15 +440,19 @@ class ApiServer:
             self.store.unsubscribe(listener)
         return response
 
-    async def _send(self, response: web.StreamResponse, call: Call, match: selectors.Match,
-                    event: WatchEvent) -> None:
+    async def _send(
+        self, response: web.StreamResponse, call: Call, match: selectors.Match, event: WatchEvent
+    ) -> None:
         """One event as the watcher sees it: selector entry/exit become ADDED/DELETED."""
         if (event.group, event.plural) != (call.rt.group, call.rt.plural):
             return
 
         def visible(obj: Obj | None) -> bool:
-            return obj is not None and match(obj) and (
-                call.namespace is None or obj["metadata"].get("namespace") == call.namespace)
+            return (
+                obj is not None
+                and match(obj)
+                and (call.namespace is None or obj["metadata"].get("namespace") == call.namespace)
+            )
 
         new = self.store.out(call.rt, event.obj)
         old = None if event.old is None else self.store.out(call.rt, event.old)

@@ -38,8 +38,15 @@ Obj = dict[str, Any]
 Key = tuple[str, str]  # namespace ("" when cluster-scoped), name
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _SUFFIX = "bcdfghjklmnpqrstvwxz2456789"  # the real generateName alphabet (no vowels)
-_SYSTEM_META = ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds",
-                "generation", "name", "namespace")
+_SYSTEM_META = (
+    "uid",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "generation",
+    "name",
+    "namespace",
+)
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,9 @@ def _body(obj: Obj) -> Obj:
 def _same(a: Obj, b: Obj) -> bool:
     strip = ("resourceVersion", "managedFields")
     return {**a, "metadata": {k: v for k, v in a["metadata"].items() if k not in strip}} == {
-        **b, "metadata": {k: v for k, v in b["metadata"].items() if k not in strip}}
+        **b,
+        "metadata": {k: v for k, v in b["metadata"].items() if k not in strip},
+    }
 
 
 class Store:
@@ -113,13 +122,17 @@ class Store:
         with self.lock:
             return self.out(rt, self._current(rt, namespace, name))
 
-    def select(self, rt: ResourceType, namespace: str | None,
-               match: Callable[[Obj], bool] = lambda _: True) -> tuple[list[Obj], str]:
+    def select(
+        self, rt: ResourceType, namespace: str | None, match: Callable[[Obj], bool] = lambda _: True
+    ) -> tuple[list[Obj], str]:
         """Matching objects sorted by namespace and name, and the list's resourceVersion."""
         with self.lock:
             bucket = self._bucket(rt.group, rt.plural)
-            items = [self.out(rt, bucket[k]) for k in sorted(bucket)
-                     if namespace is None or k[0] == namespace]
+            items = [
+                self.out(rt, bucket[k])
+                for k in sorted(bucket)
+                if namespace is None or k[0] == namespace
+            ]
             return [o for o in items if match(o)], self.resource_version
 
     def iter_all(self) -> Iterator[tuple[ResourceType, Obj]]:
@@ -130,21 +143,27 @@ class Store:
 
     # Watching.
 
-    def subscribe(self, listener: Listener, since: str | None,
-                  rt: ResourceType) -> list[WatchEvent]:
+    def subscribe(
+        self, listener: Listener, since: str | None, rt: ResourceType
+    ) -> list[WatchEvent]:
         """Register ``listener``; return the events it missed (all objects as ADDED if none)."""
         with self.lock:
             if since in (None, "", "0"):
                 bucket = self._bucket(rt.group, rt.plural)
-                backlog = [WatchEvent(self._rv, "ADDED", rt.group, rt.plural, bucket[k])
-                           for k in sorted(bucket)]
+                backlog = [
+                    WatchEvent(self._rv, "ADDED", rt.group, rt.plural, bucket[k])
+                    for k in sorted(bucket)
+                ]
             else:
                 if not str(since).isdigit():
                     raise ApiError.bad_request(f"invalid resourceVersion {since!r}")
                 if int(str(since)) < self._compacted:
                     raise ApiError(410, "Expired", f"too old resource version: {since}")
-                backlog = [e for e in self._history if e.rv > int(str(since))
-                           and (e.group, e.plural) == (rt.group, rt.plural)]
+                backlog = [
+                    e
+                    for e in self._history
+                    if e.rv > int(str(since)) and (e.group, e.plural) == (rt.group, rt.plural)
+                ]
             self._listeners.append(listener)
             return backlog
 
@@ -182,8 +201,12 @@ class Store:
         if ns is None:
             raise ApiError.not_found("namespaces", namespace)
         if ns["metadata"].get("deletionTimestamp"):
-            raise ApiError(403, "Forbidden", f"unable to create new content in namespace "
-                           f"{namespace} because it is being terminated")
+            raise ApiError(
+                403,
+                "Forbidden",
+                f"unable to create new content in namespace "
+                f"{namespace} because it is being terminated",
+            )
 
     def create(self, rt: ResourceType, namespace: str, body: Obj) -> Obj:
         with self.lock:
@@ -198,8 +221,12 @@ class Store:
                 meta["name"] = meta["generateName"] + "".join(random.choices(_SUFFIX, k=5))  # noqa: S311
             name = meta.get("name") or ""
             if not name or (rt.group != "rbac.authorization.k8s.io" and not _NAME.match(name)):
-                raise ApiError.invalid(rt.qualified, name, f"metadata.name: Invalid value: "
-                                       f"{name!r}: must be a lowercase RFC 1123 subdomain")
+                raise ApiError.invalid(
+                    rt.qualified,
+                    name,
+                    f"metadata.name: Invalid value: "
+                    f"{name!r}: must be a lowercase RFC 1123 subdomain",
+                )
             if (meta.get("namespace", ""), name) in self._bucket(rt.group, rt.plural):
                 raise ApiError.exists(rt.qualified, name)
             for key in ("deletionTimestamp", "deletionGracePeriodSeconds"):
@@ -211,8 +238,9 @@ class Store:
             self._system_fields(rt, obj, None)
             return self._put(rt, obj, "ADDED")
 
-    def update(self, rt: ResourceType, namespace: str, name: str, body: Obj,
-               subresource: str = "") -> Obj:
+    def update(
+        self, rt: ResourceType, namespace: str, name: str, body: Obj, subresource: str = ""
+    ) -> Obj:
         """PUT (and the result of a PATCH): optimistic concurrency on metadata.resourceVersion."""
         with self.lock:
             current = self._current(rt, namespace, name)
@@ -223,8 +251,9 @@ class Store:
                 new = {**copy.deepcopy(current), "status": copy.deepcopy(body.get("status"))}
             else:
                 new = {**copy.deepcopy(body), "apiVersion": rt.api_version, "kind": rt.kind}
-                meta = {k: v for k, v in (body.get("metadata") or {}).items()
-                        if k not in _SYSTEM_META}
+                meta = {
+                    k: v for k, v in (body.get("metadata") or {}).items() if k not in _SYSTEM_META
+                }
                 meta.update({k: v for k, v in current["metadata"].items() if k in _SYSTEM_META})
                 new["metadata"] = meta
                 if rt.status:
@@ -272,8 +301,12 @@ class Store:
 
     def _finish(self, rt: ResourceType, key: Key) -> Obj | None:
         obj = self._bucket(rt.group, rt.plural).get(key)
-        if (obj and obj["metadata"].get("deletionTimestamp")
-                and not obj["metadata"].get("finalizers") and not self._contents(rt, obj)):
+        if (
+            obj
+            and obj["metadata"].get("deletionTimestamp")
+            and not obj["metadata"].get("finalizers")
+            and not self._contents(rt, obj)
+        ):
             return self._remove(rt, key)
         return None
 
@@ -338,8 +371,13 @@ class Store:
         if rt.kind == "Service" and not rt.group:
             self._cluster_ip(obj, current)
         elif rt.kind == "Secret" and not rt.group and "stringData" in obj:
-            obj["data"] = {**obj.get("data", {}), **{
-                k: base64.b64encode(v.encode()).decode() for k, v in obj.pop("stringData").items()}}
+            obj["data"] = {
+                **obj.get("data", {}),
+                **{
+                    k: base64.b64encode(v.encode()).decode()
+                    for k, v in obj.pop("stringData").items()
+                },
+            }
         elif rt.kind == "Namespace":
             obj.setdefault("spec", {"finalizers": ["kubernetes"]})
             terminating = obj["metadata"].get("deletionTimestamp")
@@ -352,8 +390,17 @@ class Store:
             obj["status"] = {
                 "acceptedNames": spec["names"],
                 "storedVersions": [v["name"] for v in spec["versions"] if v.get("storage")],
-                "conditions": [{"type": t, "status": "True", "reason": r, "message": "",
-                                "lastTransitionTime": obj["metadata"]["creationTimestamp"]}
-                               for t, r in (("NamesAccepted", "NoConflicts"),
-                                            ("Established", "InitialNamesAccepted"))],
+                "conditions": [
+                    {
+                        "type": t,
+                        "status": "True",
+                        "reason": r,
+                        "message": "",
+                        "lastTransitionTime": obj["metadata"]["creationTimestamp"],
+                    }
+                    for t, r in (
+                        ("NamesAccepted", "NoConflicts"),
+                        ("Established", "InitialNamesAccepted"),
+                    )
+                ],
             }

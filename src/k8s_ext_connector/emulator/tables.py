@@ -41,11 +41,16 @@ def jsonpath(obj: Any, path: str) -> list[Any]:
             elif m["index"] is not None and isinstance(v, list) and int(m["index"]) < len(v):
                 found.append(v[int(m["index"])])
             elif m["fkey"] is not None and isinstance(v, list):
-                found += [x for x in v if jsonpath(x, "." + m["fkey"]) and
-                          _text(jsonpath(x, "." + m["fkey"])[0]) == m["fval"]]
+                found += [
+                    x
+                    for x in v
+                    if jsonpath(x, "." + m["fkey"])
+                    and _text(jsonpath(x, "." + m["fkey"])[0]) == m["fval"]
+                ]
             elif m.group(0) == "[*]":
-                found += v if isinstance(v, list) else list(v.values()) if isinstance(
-                    v, dict) else []
+                found += (
+                    v if isinstance(v, list) else list(v.values()) if isinstance(v, dict) else []
+                )
         values = found
     return values
 
@@ -91,17 +96,26 @@ def _row_object(obj: Obj, include: str) -> Obj | None:
         return None
     if include == "Object":
         return obj
-    return {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
-            "metadata": obj.get("metadata", {})}
+    return {
+        "kind": "PartialObjectMetadata",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": obj.get("metadata", {}),
+    }
 
 
 def table(rt: ResourceType, objs: list[Obj], include: str, resource_version: str) -> Obj:
     """NAME plus the CRD's printer columns, or NAME and AGE where it declares none."""
     columns = rt.columns or (_AGE,)
     definitions = [{"name": "Name", "type": "string", "format": "name", "priority": 0}] + [
-        {"name": c["name"], "type": c.get("type", "string"), "format": c.get("format", ""),
-         "description": c.get("description", ""), "priority": c.get("priority", 0)}
-        for c in columns]
+        {
+            "name": c["name"],
+            "type": c.get("type", "string"),
+            "format": c.get("format", ""),
+            "description": c.get("description", ""),
+            "priority": c.get("priority", 0),
+        }
+        for c in columns
+    ]
     rows = []
     for obj in objs:
         row: Obj = {"cells": [obj["metadata"]["name"]] + [_cell(c, obj) for c in columns]}
@@ -109,6 +123,10 @@ def table(rt: ResourceType, objs: list[Obj], include: str, resource_version: str
         if row_object is not None:
             row["object"] = row_object
         rows.append(row)
-    return {"kind": "Table", "apiVersion": "meta.k8s.io/v1",
-            "metadata": {"resourceVersion": resource_version},
-            "columnDefinitions": definitions, "rows": rows}
+    return {
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": {"resourceVersion": resource_version},
+        "columnDefinitions": definitions,
+        "rows": rows,
+    }

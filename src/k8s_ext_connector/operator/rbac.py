@@ -22,55 +22,94 @@ class Rule:
 
 
 CLUSTER_RULES: tuple[Rule, ...] = (
-    Rule("submariner.io", "externalservices", ("list", "watch", "patch"),
-         "watch ExternalServices; kopf patches its finalizer and bookkeeping annotations"),
+    Rule(
+        "submariner.io",
+        "externalservices",
+        ("list", "watch", "patch"),
+        "watch ExternalServices; kopf patches its finalizer and bookkeeping annotations",
+    ),
     Rule("submariner.io", "externalservices/status", ("patch",), "write status"),
-    Rule("", "services", ("list", "watch", "create", "patch", "delete"),
-         "read source Services; own the connector Services"),
-    Rule("", "configmaps", ("list", "watch", "create", "patch", "delete"),
-         "own sidecar and gateway configs (label-selected watch)"),
-    Rule("", "secrets", ("create", "update", "delete"),
-         "issue SSH keys; never read back"),
+    Rule(
+        "",
+        "services",
+        ("list", "watch", "create", "patch", "delete"),
+        "read source Services; own the connector Services",
+    ),
+    Rule(
+        "",
+        "configmaps",
+        ("list", "watch", "create", "patch", "delete"),
+        "own sidecar and gateway configs (label-selected watch)",
+    ),
+    Rule("", "secrets", ("create", "update", "delete"), "issue SSH keys; never read back"),
     Rule("", "pods", ("list", "watch"), "count selected pods and ready sidecars"),
     Rule("", "nodes", ("list", "watch"), "find Ready gateway nodes"),
     Rule("", "events", ("create",), "explain conditions in kubectl describe"),
-    Rule("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch"),
-         "kopf notices when the ExternalService CRD appears or changes"),
+    Rule(
+        "apiextensions.k8s.io",
+        "customresourcedefinitions",
+        ("list", "watch"),
+        "kopf notices when the ExternalService CRD appears or changes",
+    ),
 )
 
 NAMESPACE_RULES: tuple[Rule, ...] = (
-    Rule("coordination.k8s.io", "leases", ("get", "create", "update"),
-         "leader election between replicas"),
+    Rule(
+        "coordination.k8s.io",
+        "leases",
+        ("get", "create", "update"),
+        "leader election between replicas",
+    ),
 )
 
 NAME = "k8s-ext-connector-operator"
 
 
 def _rules(rules: tuple[Rule, ...]) -> list[dict[str, Any]]:
-    return [{"apiGroups": [r.group], "resources": [r.resource], "verbs": list(r.verbs)}
-            for r in rules]
-
-
-def manifests(namespace: str = "external-services",
-              service_account: str = NAME) -> list[dict[str, Any]]:
-    subject = [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}]
-    labels = {"app.kubernetes.io/name": "k8s-ext-connector",
-              "app.kubernetes.io/component": "operator"}
     return [
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-         "metadata": {"name": NAME, "labels": labels}, "rules": _rules(CLUSTER_RULES)},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-         "metadata": {"name": NAME, "labels": labels},
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                     "name": NAME},
-         "subjects": subject},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-         "metadata": {"name": NAME, "namespace": namespace, "labels": labels},
-         "rules": _rules(NAMESPACE_RULES)},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-         "metadata": {"name": NAME, "namespace": namespace, "labels": labels},
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": NAME},
-         "subjects": subject},
+        {"apiGroups": [r.group], "resources": [r.resource], "verbs": list(r.verbs)} for r in rules
+    ]
+
+
+def manifests(
+    namespace: str = "external-services", service_account: str = NAME
+) -> list[dict[str, Any]]:
+    subject = [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}]
+    labels = {
+        "app.kubernetes.io/name": "k8s-ext-connector",
+        "app.kubernetes.io/component": "operator",
+    }
+    return [
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": NAME, "labels": labels},
+            "rules": _rules(CLUSTER_RULES),
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": NAME, "labels": labels},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": NAME,
+            },
+            "subjects": subject,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": NAME, "namespace": namespace, "labels": labels},
+            "rules": _rules(NAMESPACE_RULES),
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": NAME, "namespace": namespace, "labels": labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": NAME},
+            "subjects": subject,
+        },
     ]
 
 

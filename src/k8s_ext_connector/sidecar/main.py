@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,7 @@ class SidecarSettings:
     health_port: int
     reload_interval: float
     log_level: str
+    wait_for_config: bool = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="address of the /healthz and /ready endpoint (kubelet probes)",
     )
     parser.add_argument("--health-port", type=int, default=15021, help="0 disables it")
+    parser.add_argument(
+        "--wait-for-config",
+        action="store_true",
+        help="wait (not ready) until the config and key files exist, as mounted optional "
+        "volumes appear once the operator has written them",
+    )
     add_agent_arguments(parser)
 
 
@@ -69,10 +78,26 @@ def settings_from(args: argparse.Namespace) -> SidecarSettings:
         args.health_port,
         args.reload_interval,
         args.log_level,
+        args.wait_for_config,
     )
 
 
+def wait_for_files(paths: list[Path], interval: float = 1.0) -> None:
+    """Block until every path exists; nothing is installed meanwhile, so nothing leaks."""
+    waiting = [p for p in paths if not p.exists()]
+    if waiting:
+        print(
+            f"k8s-ext-connector sidecar: waiting for {', '.join(map(str, waiting))}",
+            file=sys.stderr,
+            flush=True,
+        )
+    while any(not p.exists() for p in paths):
+        time.sleep(interval)
+
+
 def run(settings: SidecarSettings) -> int:
+    if settings.wait_for_config:
+        wait_for_files([settings.config_path, settings.ssh_key_path], settings.reload_interval)
     config = load_sidecar_config(settings.config_path)  # errors before any side effect
     check_supported(config)
     client_key = load_private_key(settings.ssh_key_path, "--ssh-key")
