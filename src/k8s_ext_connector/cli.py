@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     from k8s_ext_connector.lab import main as lab_main
     from k8s_ext_connector.operator import main as operator_main
     from k8s_ext_connector.sidecar import main as sidecar_main
+    from k8s_ext_connector.webhook import manifests as inject_main
 
     parser = argparse.ArgumentParser(prog="k8s-ext-connector", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=__version__)
@@ -70,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     operator = commands.add_parser("operator", help="the kopf operator (control plane)")
     operator_main.add_arguments(operator)
     operator.set_defaults(handler=operator_main.run)
+
+    inject = commands.add_parser("inject", help="print manifests with the sidecar injected")
+    inject_main.add_arguments(inject)
+    inject.set_defaults(handler=inject_main.run)
 
     wait_ready = commands.add_parser(
         "wait-ready", help="block until the local sidecar is ready (postStart hook fallback)"

@@ -147,3 +147,23 @@ def test_readiness_follows_the_gateway_session(seed_lab: SeedLab) -> None:
     assert "203.0.113.200:2022" in reason
     lab.start_gateway()
     lab.wait_sidecar_ready("my-pod1", timeout=5)
+
+
+def test_sidecar_needs_only_net_admin_and_net_raw(seed_lab: SeedLab) -> None:
+    """What the injected container gets (capabilities drop ALL, add NET_ADMIN, NET_RAW)."""
+    lab = seed_lab.lab
+    only = "-all,+net_admin,+net_raw"
+    process = lab.start_sidecar(
+        "other-pod",
+        seed_lab.plan.sidecars[SERVICE1],
+        seed_lab.keys.clients[SERVICE1],
+        wrapper=["setpriv", "--bounding-set", only, "--inh-caps", only, "--"],
+    )
+    status = Path(f"/proc/{process.popen.pid}/status").read_text()
+    effective = int(
+        next(line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), 16
+    )
+    assert effective == (1 << 12) | (1 << 13)  # CAP_NET_ADMIN, CAP_NET_RAW
+    assert first(lab, "other-pod") == SOURCE_IPS[0]
+    assert process.stop(signal.SIGTERM) == 0
+    assert egress_rules(lab, "other-pod") == []

@@ -19,7 +19,6 @@ orphaned or outdated ``.rules`` file fails the run.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -27,11 +26,12 @@ import pytest
 from k8s_ext_connector.core.config import SidecarConfig, parse_document
 from k8s_ext_connector.core.iptables import ObservedTable, apply, restore_text
 from k8s_ext_connector.sidecar.rules import EGRESS_CHAIN, OWNED_PREFIX, render_egress_rules
+from tests.golden_files import GoldenDir
 from tests.unit.fake_iptables import FakeIptables
 
-GOLDEN_DIR = Path(__file__).resolve().parents[1] / "golden" / "sidecar-rules"
-REGEN = os.environ.get("REGEN_GOLDEN") == "1"
-CASES = sorted(GOLDEN_DIR.glob("*.yaml"))
+GOLDEN = GoldenDir(Path(__file__).resolve().parents[1] / "golden" / "sidecar-rules",
+                   ".yaml", ".rules", minimum_cases=4)
+CASES = GOLDEN.cases()
 
 
 def _config(case: Path) -> SidecarConfig:
@@ -46,29 +46,11 @@ def _render(config: SidecarConfig) -> str:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.stem for c in CASES])
 def test_golden(case: Path) -> None:
-    rendered = _render(_config(case))
-    golden = case.with_suffix(".rules")
-    if REGEN:
-        golden.write_text(rendered)
-    assert golden.exists(), f"{golden.name} is missing: run with REGEN_GOLDEN=1 to create it"
-    assert rendered == golden.read_text(), (
-        f"{golden.name} is outdated: run with REGEN_GOLDEN=1 and review the diff")
+    GOLDEN.check(case, _render(_config(case)))
 
 
 def test_no_stale_goldens() -> None:
-    assert len(CASES) >= 4, f"golden cases went missing from {GOLDEN_DIR}"
-    inputs = {p.stem for p in GOLDEN_DIR.glob("*.yaml")}
-    outputs = {p.stem for p in GOLDEN_DIR.glob("*.rules")}
-    if REGEN:
-        for stem in outputs - inputs:
-            (GOLDEN_DIR / f"{stem}.rules").unlink()
-        outputs &= inputs
-    assert not outputs - inputs, f".rules without a .yaml: {sorted(outputs - inputs)}"
-    if not REGEN:
-        assert not inputs - outputs, f".yaml without a .rules: {sorted(inputs - outputs)}"
-    others = {p.name for p in GOLDEN_DIR.iterdir()} - {
-        f"{stem}.{ext}" for stem in inputs | outputs for ext in ("yaml", "rules")}
-    assert not others, f"unexpected files in {GOLDEN_DIR}: {sorted(others)}"
+    GOLDEN.check_no_stale()
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.stem for c in CASES])
@@ -86,7 +68,7 @@ def test_golden_applies_and_reruns_as_a_no_op(case: Path) -> None:
 
 
 def test_rendered_chain_set_shape() -> None:
-    config = _config(GOLDEN_DIR / "seed.yaml")
+    config = _config(GOLDEN.path / "seed.yaml")
     chain_set = render_egress_rules(config)
     assert chain_set.table == "nat"
     assert list(chain_set.chains) == [EGRESS_CHAIN]

@@ -281,8 +281,14 @@ class Lab:
         return pod.config_path
 
     def start_sidecar(
-        self, pod_name: str, config: SidecarConfig, client_key: KeyPair, wait_ready: bool = True
+        self,
+        pod_name: str,
+        config: SidecarConfig,
+        client_key: KeyPair,
+        wait_ready: bool = True,
+        wrapper: Sequence[str] = (),
     ) -> Process:
+        """``wrapper`` prefixes the command, e.g. setpriv to run with reduced capabilities."""
         pod = self.pods[pod_name]
         self.write_sidecar_config(pod_name, config)
         pod.key_path = self.workdir / f"client-key-{pod_name}"
@@ -291,15 +297,18 @@ class Lab:
         pod.sidecar = self.spawn(
             f"sidecar-{pod_name}",
             pod.netns,
-            self.agent_argv(
-                "sidecar",
-                "--config",
-                str(pod.config_path),
-                "--ssh-key",
-                str(pod.key_path),
-                "--reload-interval",
-                "0.2",
-            ),
+            [
+                *wrapper,
+                *self.agent_argv(
+                    "sidecar",
+                    "--config",
+                    str(pod.config_path),
+                    "--ssh-key",
+                    str(pod.key_path),
+                    "--reload-interval",
+                    "0.2",
+                ),
+            ],
         )
         if wait_ready:
             self.wait_sidecar_ready(pod_name)

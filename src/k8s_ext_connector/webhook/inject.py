@@ -39,6 +39,7 @@ SOURCE_ANNOTATION = "ext-connector.submariner.io/source-service"
 INJECTED_ANNOTATION = "ext-connector.submariner.io/injected"
 CONFIG_VOLUME = "ext-connector-config"
 KEY_VOLUME = "ext-connector-key"
+RUN_VOLUME = "ext-connector-run"
 CONFIG_DIR = "/etc/ext-connector/config"
 KEY_DIR = "/etc/ext-connector/key"
 
@@ -175,6 +176,8 @@ def _sidecar_container(settings: InjectionSettings) -> dict[str, Any]:
         "volumeMounts": [
             {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": KEY_VOLUME, "mountPath": KEY_DIR, "readOnly": True},
+            # The root filesystem is read-only; iptables wants /run for its lock file.
+            {"name": RUN_VOLUME, "mountPath": "/run"},
         ],
     }
 
@@ -202,6 +205,7 @@ def _volumes(service: ServiceRef) -> list[dict[str, Any]]:
                 "defaultMode": 0o400,
             },
         },
+        {"name": RUN_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
     ]
 
 
