@@ -71,6 +71,9 @@ def command_from(args: argparse.Namespace) -> OperatorCommand:
 def run(args: argparse.Namespace) -> int:
     command = command_from(args)
     setup_logging(command.log_level)
+    if command.log_level != "debug":
+        # kopf logs every handler call at INFO: at 1,000 objects that is most of the CPU.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     return run_agent(lambda: serve(command))
 
 
