@@ -50,6 +50,7 @@ def _rbac(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from k8s_ext_connector.certs import main as certs_main
     from k8s_ext_connector.gateway import main as gateway_main
     from k8s_ext_connector.lab import main as lab_main
     from k8s_ext_connector.operator import main as operator_main
@@ -71,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     operator = commands.add_parser("operator", help="the kopf operator (control plane)")
     operator_main.add_arguments(operator)
     operator.set_defaults(handler=operator_main.run)
+
+    certs = commands.add_parser("certs", help="webhook CA and serving certificate (files, sync)")
+    certs_main.add_arguments(certs)
+    certs.set_defaults(handler=certs_main.run)
 
     inject = commands.add_parser("inject", help="print manifests with the sidecar injected")
     inject_main.add_arguments(inject)

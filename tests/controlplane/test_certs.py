@@ -1,0 +1,327 @@
+"""``certs sync`` against the emulated API server: the Secret and every webhook's caBundle
+are created, kept, rotated before expiry (seconds-long certificates), and a rerun with
+nothing due writes nothing. A TLS server with the rotated files is trusted by a client
+that knows only the published caBundle, as the API server would be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import dataclasses
+import datetime
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from k8s_ext_connector.certs import main as certs_main
+from k8s_ext_connector.certs.rotation import SyncResult, SyncSettings, sync
+from k8s_ext_connector.certs.tls import Issued, load_certificates, signed_by, write_pair
+from k8s_ext_connector.core.kube import KubeClient, load_credentials
+from k8s_ext_connector.emulator import ApiServer
+
+NS, SECRET, SERVICE, CONFIG = "external-services", "webhook-tls", "webhook", "extconn-webhook"
+WEBHOOKS = ("inject.ext-connector.submariner.io", "second.ext-connector.submariner.io")
+WRITES = {"create", "update", "patch", "delete"}
+LONG = SyncSettings(NS, SECRET, SERVICE, CONFIG, overlap=datetime.timedelta(0))
+
+
+def _webhook(name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "admissionReviewVersions": ["v1"],
+        "sideEffects": "None",
+        "clientConfig": {
+            "service": {"namespace": NS, "name": SERVICE, "path": "/mutate"},
+            "caBundle": "",
+        },
+        "rules": [
+            {
+                "operations": ["CREATE"],
+                "apiGroups": [""],
+                "apiVersions": ["v1"],
+                "resources": ["pods"],
+            }
+        ],
+    }
+
+
+@pytest.fixture
+def api(apiserver: ApiServer) -> ApiServer:
+    apiserver.create_object({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
+    apiserver.create_object(
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": CONFIG},
+            "webhooks": [_webhook(n) for n in WEBHOOKS],
+        }
+    )
+    return apiserver
+
+
+Run = Callable[[SyncSettings], SyncResult]
+
+
+@pytest.fixture
+def run(api: ApiServer, kubeconfig: Path) -> Run:
+    """One sync over HTTP, as the CLI does it (a fresh client each time)."""
+    credentials = load_credentials(str(kubeconfig))
+
+    async def once(settings: SyncSettings) -> SyncResult:
+        async with KubeClient(credentials) as client:
+            return await sync(client, settings)
+
+    return lambda settings: asyncio.run(once(settings))
+
+
+def _writes(api: ApiServer, since: int = 0) -> list[str]:
+    return [f"{r.verb} {r.path}" for r in api.requests[since:] if r.verb in WRITES]
+
+
+def _secret(api: ApiServer) -> tuple[Issued, Issued, dict[str, Any]]:
+    secret = api.get_object("", "v1", "secrets", NS, SECRET)
+    assert secret is not None
+    data = {k: base64.b64decode(v) for k, v in secret["data"].items()}
+    return Issued(data["ca.crt"], data["ca.key"]), Issued(data["tls.crt"], data["tls.key"]), secret
+
+
+def _bundles(api: ApiServer, name: str = CONFIG) -> list[bytes]:
+    config = api.get_object(
+        "admissionregistration.k8s.io", "v1", "mutatingwebhookconfigurations", "", name
+    )
+    assert config is not None
+    return [base64.b64decode(w["clientConfig"]["caBundle"]) for w in config["webhooks"]]
+
+
+def _trusted(serving: Issued, bundle: bytes) -> bool:
+    return any(signed_by(serving.certificate, ca) for ca in load_certificates(bundle))
+
+
+def test_first_sync_creates_the_secret_and_publishes_the_bundle(api: ApiServer, run: Run) -> None:
+    result = run(LONG)
+    assert result.secret_written
+    assert result.patched_webhooks == WEBHOOKS
+    ca, serving, secret = _secret(api)
+    assert secret["type"] == "kubernetes.io/tls"
+    assert _bundles(api) == [ca.cert_pem, ca.cert_pem]
+    assert _trusted(serving, ca.cert_pem)
+    # One patch for both webhooks, one Secret create.
+    assert sorted(r.split()[0] for r in _writes(api)) == ["create", "patch"]
+
+
+def test_rerun_with_nothing_due_writes_nothing(api: ApiServer, run: Run) -> None:
+    run(LONG)
+    before, seen = len(api.requests), _secret(api)[2]["metadata"]["resourceVersion"]
+    result = run(LONG)
+    assert not result.changed
+    assert result.summary() == "nothing due"
+    assert _writes(api, before) == []
+    assert _secret(api)[2]["metadata"]["resourceVersion"] == seen
+
+
+def test_existing_secret_keeps_its_metadata_and_other_keys(api: ApiServer, run: Run) -> None:
+    api.create_object(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "kubernetes.io/tls",
+            "metadata": {
+                "name": SECRET,
+                "namespace": NS,
+                "labels": {"app.kubernetes.io/managed-by": "Helm"},
+                "annotations": {"meta.helm.sh/release-name": "extconn"},
+            },
+            "data": {"extra": base64.b64encode(b"kept").decode(), "tls.crt": "", "tls.key": ""},
+        }
+    )
+    assert run(LONG).secret_written
+    _, _, secret = _secret(api)
+    assert secret["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "Helm"}
+    assert secret["metadata"]["annotations"] == {"meta.helm.sh/release-name": "extconn"}
+    assert base64.b64decode(secret["data"]["extra"]) == b"kept"
+
+
+def test_missing_webhook_configuration_is_published_once_it_appears(
+    api: ApiServer, run: Run
+) -> None:
+    settings = dataclasses.replace(LONG, webhook_config="later")
+    first = run(settings)
+    assert first.secret_written
+    assert not first.webhook_config_found
+    assert "not found" in first.summary()
+    api.create_object(
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": "later"},
+            "webhooks": [_webhook(WEBHOOKS[0])],
+        }
+    )
+    second = run(settings)
+    assert not second.secret_written
+    assert second.patched_webhooks == WEBHOOKS[:1]
+    assert _bundles(api, "later") == [_secret(api)[0].cert_pem]
+
+
+def _until_written(run: Run, settings: SyncSettings, api: ApiServer, timeout: float) -> float:
+    """Sync repeatedly until one writes the Secret; every earlier run must write nothing.
+    Returns when (wall clock) it happened."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = len(api.requests)
+        result = run(settings)
+        if result.secret_written:
+            return time.time()
+        assert _writes(api, before) == [], "a run with nothing due wrote something"
+        time.sleep(0.1)
+    raise AssertionError(f"no rotation within {timeout}s")
+
+
+def test_short_lived_serving_certificate_rotates_before_expiry(api: ApiServer, run: Run) -> None:
+    settings = SyncSettings(
+        NS,
+        SECRET,
+        SERVICE,
+        CONFIG,
+        serving_lifetime=datetime.timedelta(seconds=4),
+        renew_at_fraction=1 / 3,
+        overlap=datetime.timedelta(0),
+    )
+    run(settings)
+    ca, first, _ = _secret(api)
+    cert = first.certificate
+    span = cert.not_valid_after_utc - cert.not_valid_before_utc
+    renew_point = (cert.not_valid_after_utc - span / 3).timestamp()
+
+    rotated_at = _until_written(run, settings, api, timeout=10)
+    assert renew_point - 1 <= rotated_at < cert.not_valid_after_utc.timestamp()  # X.509: 1 s
+    ca_after, second, _ = _secret(api)
+    assert second.cert_pem != first.cert_pem
+    assert ca_after == ca  # the CA was not due
+    for bundle in _bundles(api):
+        assert _trusted(second, bundle)  # the chain verifies with the published bundle
+
+
+def test_short_lived_ca_rotation_overlaps_then_drops_the_old_ca(
+    api: ApiServer, run: Run, tmp_path: Path
+) -> None:
+    # Renewing at 60% left leaves the old serving certificate two seconds to prove it is
+    # still trusted during the overlap.
+    lifetime = datetime.timedelta(seconds=3)
+    settings = SyncSettings(
+        NS,
+        SECRET,
+        SERVICE,
+        CONFIG,
+        ca_lifetime=lifetime,
+        serving_lifetime=lifetime,
+        renew_at_fraction=0.6,
+        overlap=datetime.timedelta(0),
+    )
+    run(settings)
+    old_ca, old_serving, _ = _secret(api)
+    write_pair(tmp_path / "old", old_serving)
+
+    before = len(api.requests)
+    _until_written(run, settings, api, timeout=10)
+    new_ca, new_serving, _ = _secret(api)
+    assert new_ca != old_ca
+    assert len(_writes(api, before)) == 2  # caBundle patch first, then the Secret
+    assert "mutatingwebhookconfigurations" in _writes(api, before)[0]
+    for bundle in _bundles(api):
+        assert load_certificates(bundle) == [new_ca.certificate, old_ca.certificate]
+        assert _trusted(old_serving, bundle)  # the webhook may not have reloaded yet
+        assert _trusted(new_serving, bundle)
+    overlap_bundle = _bundles(api)[0]
+    write_pair(tmp_path / "new", new_serving)
+    assert asyncio.run(_handshake(tmp_path / "old", overlap_bundle)) == b"ok"
+    assert asyncio.run(_handshake(tmp_path / "new", overlap_bundle)) == b"ok"
+
+    dropped = run(settings)  # the next run: only the new CA
+    assert not dropped.secret_written
+    assert dropped.patched_webhooks == WEBHOOKS
+    assert _bundles(api) == [new_ca.cert_pem, new_ca.cert_pem]
+    assert asyncio.run(_handshake(tmp_path / "new", new_ca.cert_pem)) == b"ok"
+    with pytest.raises(ssl.SSLCertVerificationError):
+        asyncio.run(_handshake(tmp_path / "old", new_ca.cert_pem))
+
+
+async def _handshake(files: Path, ca_bundle: bytes) -> bytes:
+    """Serve ``files`` (tls.crt/tls.key) over TLS; connect as the API server would: trusting
+    only ``ca_bundle`` and checking the Service name."""
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(files / "tls.crt", files / "tls.key")
+    client_context = ssl.create_default_context(cadata=ca_bundle.decode())
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"ok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=server_context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                "127.0.0.1", port, ssl=client_context, server_hostname=f"{SERVICE}.{NS}.svc"
+            ),
+            timeout=5,
+        )
+        data = await reader.read()
+        writer.close()
+        return data
+    finally:
+        server.close()
+
+
+def test_cli_sync_once_and_in_a_loop(
+    api: ApiServer,
+    kubeconfig: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(certs_main, "setup_logging", lambda level: None)
+    parser = argparse.ArgumentParser()
+    certs_main.add_arguments(parser)
+    args = parser.parse_args(
+        [
+            "sync",
+            "--namespace",
+            NS,
+            "--secret",
+            SECRET,
+            "--service",
+            SERVICE,
+            "--webhook-config",
+            CONFIG,
+            "--kubeconfig",
+            str(kubeconfig),
+        ]
+    )
+    assert certs_main.run(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{NS}/{SECRET}: reissued: CA missing")
+    assert "BEGIN" not in out
+
+    # The loop: three rounds, nothing due, nothing written; stops when asked.
+    before = len(api.requests)
+
+    async def loop() -> None:
+        stop = asyncio.Event()
+        settings = certs_main.settings_from(args)
+        task = asyncio.create_task(
+            certs_main.sync_forever(load_credentials(str(kubeconfig)), settings, 0.05, stop)
+        )
+        while sum(r.verb == "get" and r.resource == "secrets" for r in api.requests[before:]) < 3:
+            await asyncio.sleep(0.01)
+        stop.set()
+        await asyncio.wait_for(task, timeout=5)
+
+    asyncio.run(loop())
+    assert _writes(api, before) == []
