@@ -248,6 +248,8 @@ def test_seed_example_becomes_ready_with_every_object(cluster: Cluster) -> None:
     assert "my-externalservice" in c.kubectl("get", "extsvc", "-A")
     events = c.api.list_objects("", "v1", "events", "default")
     assert any(e["reason"] == "TunnelsReady" for e in events)
+    # The ClusterIP comes with the Service's creation: no stale "pending" Warning first.
+    assert not any(e["reason"] == "ServicePending" for e in events)
     # Private keys never reach the log.
     log = (c.workdir / "operator.log").read_text()
     assert "PRIVATE KEY" not in log

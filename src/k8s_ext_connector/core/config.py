@@ -337,7 +337,9 @@ def _read(path: Path) -> object:
 
 def dump(config: SidecarConfig | GatewayConfig) -> str:
     """Stable YAML text of a config (sorted lists stay in their given order)."""
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    # The C emitter gives the same text ~3x faster: the operator renders every config per pass.
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    return yaml.dump(config.to_dict(), Dumper=dumper, sort_keys=False)
 
 
 def dump_json(config: SidecarConfig | GatewayConfig) -> str:

@@ -50,6 +50,7 @@ from k8s_ext_connector.operator.snapshot import (
     PUBLIC_KEY_ANNOTATION,
     ManagedConfigMap,
     ServiceRecord,
+    service_record,
 )
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class Reconciler:
 
     async def reconcile_once(self, deleting: ServiceRef | None = None) -> None:
         self._passes += 1
+        log.debug("reconcile pass %d", self._passes)
         snapshot = self.observed.snapshot()
         if deleting is not None:
             snapshot = replace(
@@ -144,7 +146,12 @@ class Reconciler:
             keys = self._keybook(configmaps)
             desired = compute(snapshot, keys, self.settings)
 
-        await self._apply_services(desired.services)
+        created = await self._apply_services(desired.services)
+        if created:
+            # New connector Services already have their ClusterIP in the create response:
+            # plan with it now rather than publish a status that is stale on arrival.
+            snapshot = replace(snapshot, services={**snapshot.services, **created})
+            desired = compute(snapshot, keys, self.settings)
         await self._apply_configmaps(desired.configmaps, configmaps)
         await self._apply_statuses(snapshot, desired.statuses)
 
@@ -189,14 +196,20 @@ class Reconciler:
         return pair.public_openssh
 
     # ---- owned objects ------------------------------------------------------------------
-    async def _apply_services(self, desired: Mapping[tuple[str, str], dict[str, Any]]) -> None:
+    async def _apply_services(
+        self, desired: Mapping[tuple[str, str], dict[str, Any]]
+    ) -> dict[ServiceRef, ServiceRecord]:
+        """Create/patch/delete connector Services; returns the records of those created."""
+        created: dict[ServiceRef, ServiceRecord] = {}
         observed = {(s.ref.namespace, s.ref.name): s for s in self.observed.managed_services()}
         for (namespace, name), manifest in desired.items():
             current = observed.get((namespace, name))
             wanted_ports = tuple(p["port"] for p in manifest["spec"]["ports"])
             if current is None:
                 try:
-                    await self.client.create(SERVICES, namespace, manifest)
+                    body = await self.client.create(SERVICES, namespace, manifest)
+                    record = service_record(body)
+                    created[record.ref] = record
                     log.info("created Service %s/%s", namespace, name)
                     continue
                 except Conflict:
@@ -218,6 +231,7 @@ class Reconciler:
         for key in sorted(set(observed) - set(desired)):
             await self.client.delete(SERVICES, *key)
             log.info("deleted Service %s/%s", *key)
+        return created
 
     async def _apply_configmaps(
         self,
