@@ -45,7 +45,7 @@ def _wait_ready(args: argparse.Namespace) -> int:
 def _rbac(args: argparse.Namespace) -> int:
     from k8s_ext_connector.operator import rbac
 
-    print(rbac.render(), end="")
+    print(rbac.render(args.component), end="")
     return 0
 
 
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     from k8s_ext_connector.lab import main as lab_main
     from k8s_ext_connector.operator import main as operator_main
     from k8s_ext_connector.sidecar import main as sidecar_main
+    from k8s_ext_connector.webhook import main as webhook_main
     from k8s_ext_connector.webhook import manifests as inject_main
 
     parser = argparse.ArgumentParser(prog="k8s-ext-connector", description=__doc__.splitlines()[0])
@@ -77,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     certs_main.add_arguments(certs)
     certs.set_defaults(handler=certs_main.run)
 
+    webhook = commands.add_parser("webhook", help="the sidecar-injecting admission webhook")
+    webhook_main.add_arguments(webhook)
+    webhook.set_defaults(handler=webhook_main.run)
+
     inject = commands.add_parser("inject", help="print manifests with the sidecar injected")
     inject_main.add_arguments(inject)
     inject.set_defaults(handler=inject_main.run)
@@ -89,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     wait_ready.set_defaults(handler=_wait_ready)
 
     rbac = commands.add_parser("rbac", help="print the RBAC a component needs (YAML)")
-    rbac.add_argument("component", choices=["operator"])
+    rbac.add_argument("component", choices=["operator", "webhook", "certs"])
     rbac.set_defaults(handler=_rbac)
 
     keygen = commands.add_parser("keygen", help="write an Ed25519 SSH key pair (FILE, FILE.pub)")

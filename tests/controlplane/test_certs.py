@@ -24,6 +24,7 @@ from k8s_ext_connector.certs.rotation import SyncResult, SyncSettings, sync
 from k8s_ext_connector.certs.tls import Issued, load_certificates, signed_by, write_pair
 from k8s_ext_connector.core.kube import KubeClient, load_credentials
 from k8s_ext_connector.emulator import ApiServer
+from k8s_ext_connector.operator import rbac
 
 NS, SECRET, SERVICE, CONFIG = "external-services", "webhook-tls", "webhook", "extconn-webhook"
 WEBHOOKS = ("inject.ext-connector.submariner.io", "second.ext-connector.submariner.io")
@@ -325,3 +326,20 @@ def test_cli_sync_once_and_in_a_loop(
 
     asyncio.run(loop())
     assert _writes(api, before) == []
+
+
+def test_sync_requests_match_its_rbac(api: ApiServer, run: Run) -> None:
+    run(LONG)
+    run(LONG)
+    used = {
+        (r.api_group, r.resource, r.verb)
+        for r in api.requests
+        if r.resource and r.user_agent.startswith("k8s-ext-connector")
+    }
+    granted = {
+        (rule.group, rule.resource, verb)
+        for rule in rbac.CERTS_CLUSTER_RULES + rbac.CERTS_NAMESPACE_RULES
+        for verb in rule.verbs
+    }
+    assert used <= granted
+    assert used >= granted - {("", "secrets", "update")}  # update: only when rotating

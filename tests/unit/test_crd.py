@@ -22,6 +22,7 @@ from tests.unit.samples import SEED_MANIFEST
 CHART = Path(__file__).parents[2] / "charts" / "k8s-ext-connector"
 CRD_PATH = CHART / "crds" / "externalservices.submariner.io.yaml"
 RBAC_PATH = CHART / "files" / "operator-rbac.yaml"
+COMPONENTS = sorted(rbac.COMPONENTS)
 CRD = yaml.safe_load(CRD_PATH.read_text())
 VERSION = CRD["spec"]["versions"][0]
 SCHEMA = VERSION["schema"]["openAPIV3Schema"]
@@ -33,10 +34,14 @@ def test_manifests_pass_strict_kubernetes_validation(path: Path) -> None:
         kubernetes_validate.validate(document, "1.32.0", strict=True)
 
 
-def test_rbac_file_is_what_the_code_renders() -> None:
-    assert RBAC_PATH.read_text() == rbac.render(), "run: k8s-ext-connector rbac operator > " + str(
-        RBAC_PATH
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_rbac_files_are_what_the_code_renders(component: str) -> None:
+    path = CHART / "files" / f"{component}-rbac.yaml"
+    assert path.read_text() == rbac.render(component), (
+        f"run: k8s-ext-connector rbac {component} > {path}"
     )
+    for document in yaml.safe_load_all(path.read_text()):
+        kubernetes_validate.validate(document, "1.32.0", strict=True)
 
 
 def test_rbac_never_reads_secrets() -> None:

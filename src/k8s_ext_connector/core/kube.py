@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import ssl
 import tempfile
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import yaml
@@ -230,3 +233,89 @@ class KubeClient:
     async def delete(self, resource: Resource, namespace: str | None, name: str) -> None:
         with contextlib.suppress(NotFound):
             await self._call("DELETE", resource.path(namespace, name))
+
+    async def list(
+        self,
+        resource: Resource,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+    ) -> dict[str, Any]:
+        """One list call: ``{"items": [...], "metadata": {"resourceVersion": ...}}``.
+
+        ``namespace`` None lists across all namespaces (or a cluster-scoped resource).
+        Watch caches list once, then follow with ``watch`` from the list's resourceVersion.
+        """
+        query = {"labelSelector": label_selector} if label_selector else {}
+        path = resource.path(namespace) + (f"?{urlencode(query)}" if query else "")
+        return await self._call("GET", path)
+
+    async def watch(
+        self,
+        resource: Resource,
+        resource_version: str,
+        timeout_seconds: int,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """Watch events (``{"type": ADDED|MODIFIED|DELETED|BOOKMARK, "object": ...}``) after
+        ``resource_version``, until the server ends the stream (``timeout_seconds``).
+
+        The body is newline-delimited JSON, read in chunks and split here (no line-length
+        limit). An ``ERROR`` event, or an error status on the request, raises: ``ApiError``
+        with status 410 when ``resource_version`` is too old (the caller lists again),
+        ``TransientError`` for 5xx/429 and connection failures (the caller retries with
+        backoff from the last resourceVersion it saw), ``ApiError`` otherwise.
+        """
+        query = {
+            "watch": "true",
+            "resourceVersion": resource_version,
+            "timeoutSeconds": str(timeout_seconds),
+            "allowWatchBookmarks": "true",
+        }
+        if label_selector:
+            query["labelSelector"] = label_selector
+        path = f"{resource.path(namespace)}?{urlencode(query)}"
+        # The stream is idle between events: only connecting and a silent peer time out.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout_seconds + 30)
+
+        def failure(status: int, payload: object) -> Exception:
+            body = payload if isinstance(payload, dict) else {}
+            reason, message = str(body.get("reason", "")), str(body.get("message", ""))
+            if status >= 500 or status == 429:
+                return TransientError(f"WATCH {path}: HTTP {status} {reason}: {message}")
+            return ApiError(status, reason or "Error", message)
+
+        def event_of(line: bytes) -> dict[str, Any]:
+            try:
+                event = json.loads(line)
+            except ValueError as error:
+                raise TransientError(f"WATCH {path}: unreadable event: {error}") from None
+            if not isinstance(event, dict):
+                raise TransientError(f"WATCH {path}: unreadable event: {line[:80]!r}")
+            if event.get("type") == "ERROR":
+                status = event.get("object") or {}
+                code = status.get("code", 500) if isinstance(status, dict) else 500
+                raise failure(int(code), status)
+            return event
+
+        try:
+            async with self._http().get(path, timeout=timeout) as response:
+                if response.status >= 300:
+                    try:
+                        payload = await response.json(content_type=None)
+                    except ValueError:
+                        payload = {}
+                    raise failure(response.status, payload)
+                buffer = b""
+                async for chunk in response.content.iter_any():
+                    buffer += chunk
+                    if b"\n" not in chunk:
+                        continue
+                    *lines, buffer = buffer.split(b"\n")
+                    for line in lines:
+                        if line.strip():
+                            yield event_of(line)
+                if buffer.strip():
+                    yield event_of(buffer)  # a last event without its newline
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise TransientError(f"WATCH {path}: {error}") from None
