@@ -12,6 +12,7 @@ Credentials: the in-cluster service account, else ``$KUBECONFIG`` / ``~/.kube/co
 
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
 import json
@@ -28,7 +29,7 @@ import aiohttp
 import yaml
 
 from k8s_ext_connector import __version__
-from k8s_ext_connector.core.errors import TransientError
+from k8s_ext_connector.core.errors import ConfigError, TransientError
 
 USER_AGENT = f"k8s-ext-connector/{__version__}"
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
@@ -115,13 +116,25 @@ def load_credentials(kubeconfig: str | None = None) -> Credentials:
             ca_file=str(SERVICE_ACCOUNT / "ca.crt"),
         )
     path = kubeconfig or os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
-    config = yaml.safe_load(Path(path).read_text())
-    current = config.get("current-context")
-    context = next(c["context"] for c in config["contexts"] if c["name"] == current)
-    cluster = next(c["cluster"] for c in config["clusters"] if c["name"] == context["cluster"])
-    users = [
-        u.get("user") or {} for u in config.get("users") or [] if u["name"] == context.get("user")
-    ]
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+        current = config.get("current-context")
+        context = next(c["context"] for c in config["contexts"] if c["name"] == current)
+        cluster = next(
+            c["cluster"] for c in config["clusters"] if c["name"] == context["cluster"]
+        )
+        users = [
+            u.get("user") or {}
+            for u in config.get("users") or []
+            if u["name"] == context.get("user")
+        ]
+        cluster["server"]
+    except OSError as error:
+        raise ConfigError("--kubeconfig", path, error.strerror or "cannot be read") from None
+    except (yaml.YAMLError, AttributeError, KeyError, TypeError, StopIteration):
+        raise ConfigError(
+            "--kubeconfig", path, "is not a kubeconfig with a current context and cluster"
+        ) from None
     user = users[0] if users else {}
     return Credentials(
         server=cluster["server"].rstrip("/"),
@@ -130,6 +143,11 @@ def load_credentials(kubeconfig: str | None = None) -> Credentials:
         cert_file=_materialise(user, "client-certificate"),
         key_file=_materialise(user, "client-key"),
     )
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def _materialise(section: dict[str, Any], key: str) -> str | None:
@@ -141,6 +159,7 @@ def _materialise(section: dict[str, Any], key: str) -> str | None:
         return None
     handle = tempfile.NamedTemporaryFile(delete=False, prefix="extconn-", suffix=".pem")  # noqa: SIM115
     os.chmod(handle.name, 0o600)
+    atexit.register(_remove, handle.name)  # a client key must not outlive the process
     handle.write(base64.b64decode(data))
     handle.close()
     return handle.name
