@@ -491,3 +491,30 @@ def test_two_replicas_one_leader(cluster: Cluster) -> None:
                 process.wait(10)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def test_source_service_selector_change_is_followed(cluster: Cluster) -> None:
+    c = cluster
+    ready_pods(c)
+    c.pod("ns1", "canary", "canary", sidecar=False)
+    c.kubectl("apply", "-f", "-", stdin=SEED)
+    c.wait(lambda: c.condition("Ready") == ("True", "TunnelsReady"), "Ready")
+    # The user points my-service1 at other pods: the status follows, naming the new pod.
+    c.kubectl(
+        "patch",
+        "service",
+        "my-service1",
+        "-n",
+        "ns1",
+        "--type",
+        "merge",
+        "-p",
+        '{"spec": {"selector": {"app": "canary"}}}',
+    )
+    c.wait(lambda: c.condition("SidecarsReady") == ("False", "SidecarsMissing"), "missing")
+    assert c.es()["status"]["sources"][0]["podsWithoutSidecar"] == ["ns1/canary"]
+    c.kubectl("delete", "pod", "canary", "-n", "ns1")
+    c.wait(lambda: c.condition("Ready") == ("False", "NoPods"), "Ready=False NoPods")
+    assert c.es()["status"]["ready"] == "1/2"
+    message = next(x["message"] for x in c.es()["status"]["conditions"] if x["type"] == "Ready")
+    assert "ns1/my-service1" in message

@@ -384,9 +384,12 @@ def _status(
             "SidecarsNotReady",
             f"sidecars not ready yet in {', '.join(not_ready[:MAX_PODS_NAMED])}",
         )
-    elif not any(s["podsSelected"] for s in sources):
+    elif idle := [s["service"] for s in sources if not s["podsSelected"]]:
         sidecars = _condition(
-            "SidecarsReady", False, "NoPods", "the source services select no running pods yet"
+            "SidecarsReady",
+            False,
+            "NoPods",
+            f"{', '.join(idle)} select(s) no running pods yet, so no tunnel is in use",
         )
     else:
         sidecars = _condition(
