@@ -64,7 +64,7 @@ def sidecar_doc() -> dict[str, Any]:
 
 
 def gateway_doc() -> dict[str, Any]:
-    """A valid gateway config document: the seed's two source IPs."""
+    """A valid gateway config document: the seed's two source IPs, ingress on the first."""
     return {
         "version": 1,
         "sshPort": 2022,
@@ -74,6 +74,10 @@ def gateway_doc() -> dict[str, Any]:
                 "clients": [
                     {"name": "ns1/my-service1", "publicKey": KEY_C,
                      "allow": [{"address": "192.168.122.139", "port": 8000}]},
+                ],
+                "ingress": [
+                    {"allowFrom": "192.168.122.139", "port": 80,
+                     "backend": {"address": "10.96.1.1", "port": 80}},
                 ],
             },
             {

@@ -15,6 +15,7 @@ from k8s_ext_connector.core.config import (
     Endpoint,
     GatewayConfig,
     GatewayEndpoint,
+    IngressRule,
     SidecarConfig,
     SourceIPConfig,
     canonical_public_key,
@@ -76,7 +77,8 @@ def test_gateway_from_dict_reads_the_seed_sources() -> None:
     assert config == GatewayConfig(
         ssh_port=2022,
         sources=(
-            SourceIPConfig("192.168.122.200", (AuthorizedClient("ns1/my-service1", KEY_C, allow),)),
+            SourceIPConfig("192.168.122.200", (AuthorizedClient("ns1/my-service1", KEY_C, allow),),
+                           (IngressRule("192.168.122.139", 80, Endpoint("10.96.1.1", 80)),)),
             SourceIPConfig("192.168.122.201", (AuthorizedClient("ns2/my-service2", KEY_D, allow),)),
         ),
     )
@@ -387,6 +389,41 @@ GATEWAY_ERRORS = [
     pytest.param(("sources", 1, "clients", 1),
                  {"name": "ns1/my-service1", "publicKey": KEY_C, "allow": []},
                  None, None, id="same-key-on-another-source-ok"),
+    pytest.param(("sources", 0, "ingress", 0, "port"), 2022, "sources[0].ingress[0].port", 2022,
+                 id="ingress-port-is-ssh-port"),
+    pytest.param(("sources", 0, "ingress", 0, "allowfrom"), "10.0.0.1",
+                 "sources[0].ingress[0].allowfrom", "10.0.0.1", id="unknown-ingress-field"),
+    pytest.param(("sources", 0, "ingress", 0, "allowFrom"), "any",
+                 "sources[0].ingress[0].allowFrom", "any", id="ingress-allow-from-not-an-ip"),
+    pytest.param(("sources", 0, "ingress", 0, "allowFrom"), "0.0.0.0/0",
+                 "sources[0].ingress[0].allowFrom", "0.0.0.0/0", id="ingress-allow-from-a-cidr"),
+    pytest.param(("sources", 0, "ingress", 0, "allowFrom"), "2001:db8::1",
+                 "sources[0].ingress[0].allowFrom", "2001:db8::1", id="ingress-other-family"),
+    pytest.param(("sources", 0, "ingress", 0, "port"), 0, "sources[0].ingress[0].port", 0,
+                 id="ingress-port-0"),
+    pytest.param(("sources", 0, "ingress", 0, "backend"), DELETE, "sources[0].ingress[0].backend",
+                 None, id="ingress-missing-backend"),
+    pytest.param(("sources", 0, "ingress", 0, "backend", "address"), "my-service1.ns1",
+                 "sources[0].ingress[0].backend.address", "my-service1.ns1",
+                 id="ingress-backend-not-an-ip"),
+    pytest.param(("sources", 0, "ingress", 1),
+                 {"allowFrom": "192.168.122.139", "port": 80,
+                  "backend": {"address": "10.96.1.1", "port": 80}},
+                 "sources[0].ingress[1]", "10.96.1.1:80", id="ingress-entry-repeated"),
+    pytest.param(("sources", 0, "ingress", 1),
+                 {"allowFrom": "192.168.122.140", "port": 80,
+                  "backend": {"address": "10.96.1.9", "port": 80}},
+                 "sources[0].ingress[1].backend", "10.96.1.9:80", id="ingress-port-two-backends"),
+    pytest.param(("sources", 0, "ingress", 1),
+                 {"allowFrom": "192.168.122.140", "port": 80,
+                  "backend": {"address": "10.96.1.1", "port": 80}},
+                 None, None, id="ingress-port-two-peers-ok"),
+    pytest.param(("sources", 1, "ingress"),
+                 [{"allowFrom": "192.168.122.139", "port": 80,
+                   "backend": {"address": "10.96.1.2", "port": 80}}],
+                 None, None, id="ingress-same-port-on-another-source-ip-ok"),
+    pytest.param(("sources", 0, "ingress", 0, "backend", "port"), 2022, None, None,
+                 id="ingress-backend-port-may-be-anything"),
 ]
 
 
@@ -415,3 +452,31 @@ def test_config_error_within_nests_the_field() -> None:
     assert error.field == "cm/sidecar.rules[0].name"
     assert str(error) == "cm/sidecar.rules[0].name: '': must be a non-empty string"
     assert ConfigError("", 1, "bad").within("x").field == "x"
+
+
+def test_ingress_port_equal_to_ssh_port_says_why() -> None:
+    doc = patched(gateway_doc(), ("sshPort",), 80)
+    with pytest.raises(ConfigError) as caught:
+        GatewayConfig.from_dict(doc)
+    _assert_names(caught.value, "sources[0].ingress[0].port", 80)
+    assert "sshPort" in caught.value.reason
+
+
+def test_ingress_ports_group_peers_per_listener() -> None:
+    doc = patched(gateway_doc(), ("sources", 0, "ingress", 1),
+                  {"allowFrom": "192.168.122.140", "port": 80,
+                   "backend": {"address": "10.96.1.1", "port": 80}})
+    doc = patched(doc, ("sources", 0, "ingress", 2),
+                  {"allowFrom": "192.168.122.139", "port": 443,
+                   "backend": {"address": "10.96.1.1", "port": 8443}})
+    source = GatewayConfig.from_dict(doc).sources[0]
+    assert source.ingress_ports() == {
+        80: (Endpoint("10.96.1.1", 80), frozenset({"192.168.122.139", "192.168.122.140"})),
+        443: (Endpoint("10.96.1.1", 8443), frozenset({"192.168.122.139"})),
+    }
+
+
+def test_egress_only_source_has_no_ingress_key() -> None:
+    config = GatewayConfig.from_dict(gateway_doc())
+    assert "ingress" not in config.sources[1].to_dict()
+    assert config.sources[1].ingress == ()

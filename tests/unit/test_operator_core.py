@@ -150,14 +150,18 @@ def test_seed_example_desired_objects_and_ready_status() -> None:
     gateway = desired.configmaps[("external-services", GATEWAY_CONFIGMAP)]
     gw1 = yaml.safe_load(gateway["data"]["gw1.yaml"])
     assert [s["sourceIP"] for s in gw1["sources"]] == ["192.168.122.200", "192.168.122.201"]
+    assert gw1["sources"][0]["ingress"] == [{"allowFrom": "192.168.122.139", "port": 80,
+                                             "backend": {"address": "10.96.1.1", "port": 80}}]
     status = desired.statuses[ServiceRef("default", "my-externalservice")]
     assert conditions(status) == {"Accepted": ("True", "Valid"),
                                   "GatewayAssigned": ("True", "Assigned"),
                                   "SidecarsReady": ("True", "AllReady"),
+                                  "Ingress": ("True", "Relayed"),
                                   "Ready": ("True", "TunnelsReady")}
     assert (status["ready"], status["sourceCount"], status["clusterIP"]) == ("2/2", 2, "10.96.0.10")
     assert status["sources"][0] == {"service": "ns1/my-service1", "sourceIP": "192.168.122.200",
-                                    "podsSelected": 1, "podsReady": 1, "gatewayNode": "gw1"}
+                                    "podsSelected": 1, "podsReady": 1, "gatewayNode": "gw1",
+                                    "ingressPorts": [80]}
 
 
 @pytest.mark.parametrize(
@@ -197,6 +201,70 @@ def test_pods_without_sidecar_are_named_with_the_fix() -> None:
     assert "ns1/old" in message
     assert "kubectl rollout restart" in message
     assert status["sources"][0]["podsWithoutSidecar"] == ["ns1/old"]
+
+
+def _with_service(snap: Snapshot, ns: str, name: str, ports: list[dict[str, Any]],
+                  cluster_ip: str = "10.96.1.1") -> Snapshot:
+    record = service_record({"metadata": {"name": name, "namespace": ns, "labels": {}},
+                             "spec": {"clusterIP": cluster_ip, "selector": {"app": name},
+                                      "ports": ports}})
+    return Snapshot(snap.externalservices, {**snap.services, record.ref: record}, snap.nodes,
+                    snap.pods)
+
+
+@pytest.mark.parametrize(
+    ("ports", "cluster_ip", "reason", "words"),
+    [
+        pytest.param([], "10.96.1.1", "NoIngressPorts", "has no ports", id="no-ports"),
+        pytest.param([{"port": 80}], "None", "NoIngressPorts", "no ClusterIP (headless)",
+                     id="headless"),
+        pytest.param([{"port": 2022}], "10.96.1.1", "IngressConflict", "the gateway's SSH port",
+                     id="ssh-port"),
+    ],
+)
+def test_ingress_problems_leave_the_es_accepted_and_ready(
+        ports: list[dict[str, Any]], cluster_ip: str, reason: str, words: str) -> None:
+    snap = _with_service(snapshot(es_body(), pods=READY_PODS), "ns1", "my-service1", ports,
+                         cluster_ip)
+    desired = compute(snap, KEYS, SETTINGS)
+    status = desired.statuses[ServiceRef("default", "my-externalservice")]
+    assert conditions(status) == {"Accepted": ("True", "Valid"),
+                                  "GatewayAssigned": ("True", "Assigned"),
+                                  "SidecarsReady": ("True", "AllReady"),
+                                  "Ingress": ("False", reason),
+                                  "Ready": ("True", "TunnelsReady")}
+    assert status["ready"] == "2/2"  # egress works for both sources
+    message = next(c["message"] for c in status["conditions"] if c["type"] == "Ingress")
+    assert message.startswith("spec.sources[0].service: ")
+    assert words in message
+    assert "ingressPorts" not in status["sources"][0]
+    assert status["sources"][1]["ingressPorts"] == [80]
+    gw1 = yaml.safe_load(desired.configmaps[("external-services", GATEWAY_CONFIGMAP)]["data"]
+                         ["gw1.yaml"])
+    assert "ingress" not in gw1["sources"][0]
+    assert gw1["sources"][1]["ingress"][0]["backend"] == {"address": "10.96.2.2", "port": 80}
+    assert ("Warning", reason, message) in condition_events(status["conditions"], [])
+
+
+def test_ingress_is_unknown_while_keys_are_pending_and_false_for_an_invalid_es() -> None:
+    pending = compute(snapshot(es_body()), KeyBook(), SETTINGS)
+    status = pending.statuses[ServiceRef("default", "my-externalservice")]
+    assert conditions(status)["Ingress"] == ("Unknown", "Pending")
+    assert not any(e[1] == "Pending" for e in condition_events(status["conditions"], []))
+    spec = {**seed_spec(), "sources": [
+        {"service": {"namespace": "ns1", "name": "ghost"}, "sourceIP": "192.168.122.9"}]}
+    missing = compute(snapshot(es_body(spec=spec)), KEYS, SETTINGS)
+    status = missing.statuses[ServiceRef("default", "my-externalservice")]
+    assert conditions(status)["Ingress"] == ("False", "SourceServiceNotFound")
+
+
+def test_ingress_ports_list_the_service_tcp_ports_relayed() -> None:
+    snap = _with_service(snapshot(es_body(), pods=READY_PODS), "ns1", "my-service1",
+                         [{"port": 443}, {"port": 80, "protocol": "TCP"},
+                          {"port": 53, "protocol": "UDP"}])
+    status = compute(snap, KEYS, SETTINGS).statuses[ServiceRef("default", "my-externalservice")]
+    assert status["sources"][0]["ingressPorts"] == [80, 443]
+    assert conditions(status)["Ingress"] == ("True", "Relayed")
 
 
 def test_invalid_es_does_not_affect_another() -> None:

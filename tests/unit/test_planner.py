@@ -15,10 +15,13 @@ from k8s_ext_connector.core.config import (
     Endpoint,
     GatewayConfig,
     GatewayEndpoint,
+    IngressRule,
     SidecarConfig,
     SourceIPConfig,
 )
 from k8s_ext_connector.core.planner import (
+    INGRESS_CONFLICT,
+    NO_INGRESS_PORTS,
     ClusterFacts,
     KeyMaterial,
     Plan,
@@ -87,11 +90,14 @@ def test_seed_example_plans_exactly() -> None:
         gateway=GatewayConfig(
             ssh_port=2022,
             sources=(
-                SourceIPConfig(IP1, (AuthorizedClient("ns1/my-service1", KEY_C, (target,)),)),
-                SourceIPConfig(IP2, (AuthorizedClient("ns2/my-service2", KEY_D, (target,)),)),
+                SourceIPConfig(IP1, (AuthorizedClient("ns1/my-service1", KEY_C, (target,)),),
+                               (IngressRule(TARGET, 80, Endpoint("10.96.1.1", 80)),)),
+                SourceIPConfig(IP2, (AuthorizedClient("ns2/my-service2", KEY_D, (target,)),),
+                               (IngressRule(TARGET, 80, Endpoint("10.96.1.2", 80)),)),
             ),
         ),
         problems={},
+        warnings={},
     )
     # The gateway endpoint a sidecar dials is sourceIP:2022, pinned to that gateway's key.
     assert result.sidecars[SVC1].gateways() == (_gw(IP1, KEY_A),)
@@ -262,10 +268,15 @@ def test_two_es_sharing_source_ip_and_key_merge_into_one_client() -> None:
                 Endpoint("10.20.0.1", 8443),
                 Endpoint(TARGET, 8000),
                 Endpoint("192.168.122.140", 5432),
-            )),)),
+            )),), (
+                # one listener, 192.168.122.200:80, open to the three targets
+                IngressRule("10.20.0.1", 80, Endpoint("10.96.1.1", 80)),
+                IngressRule(TARGET, 80, Endpoint("10.96.1.1", 80)),
+                IngressRule("192.168.122.140", 80, Endpoint("10.96.1.1", 80)),
+            )),
             SourceIPConfig(IP2, (AuthorizedClient("ns2/my-service2", KEY_D, (
                 Endpoint("192.168.122.140", 5432),
-            )),)),
+            )),), (IngressRule("192.168.122.140", 80, Endpoint("10.96.1.2", 80)),)),
         ),
     )
     assert [r.name for r in result.sidecars[SVC1].rules] == [
@@ -342,6 +353,11 @@ VALIDITY_CASES = [
     pytest.param([_es("es1", [(SVC1, IP1)], [{"port": 80, "targetPort": 8080},
                                              {"port": 81, "targetPort": 8080}])],
                  FACTS, PlanOptions(), id="two-ports-same-target-port"),
+    # Ingress: a source Service port equal to the SSH port would make the gateway refuse
+    # its whole config; two services on one source IP must not share a listener.
+    pytest.param([SEED], FACTS, PlanOptions(ssh_port=80), id="service-port-is-ssh-port"),
+    pytest.param([_es("es1", [(SVC1, IP1)]), _es("es2", [(SVC2, IP1)], target_ip="10.20.0.2")],
+                 FACTS, PlanOptions(), id="two-services-one-source-ip-same-port"),
 ]
 
 
@@ -356,3 +372,102 @@ def test_planned_configs_pass_validation(externalservices: list[ExternalService]
 
 def test_seed_spec_helper_matches_manifest() -> None:
     assert ExternalServiceSpec.from_dict(seed_spec()) == SEED.spec
+
+
+# --- ingress: targetIP -> sourceIP:<service port> -> the source Service's ClusterIP ---------
+
+
+def _ingress(result: Plan, source_ip: str) -> tuple[IngressRule, ...]:
+    source = result.gateway.source(source_ip)
+    assert source is not None
+    return source.ingress
+
+
+def test_every_port_of_the_source_service_is_relayed_from_the_target_only() -> None:
+    facts = ClusterFacts(CONNECTORS, {**FACTS.source_services,
+                                      SVC1: SourceServiceFacts("10.96.1.1", (443, 80, 80))})
+    result = plan([SEED], facts, KEYS)
+    assert _ingress(result, IP1) == (
+        IngressRule(TARGET, 80, Endpoint("10.96.1.1", 80)),
+        IngressRule(TARGET, 443, Endpoint("10.96.1.1", 443)),
+    )
+    assert result.warnings == {}
+    # The spec's ports are egress ports; they play no part in ingress.
+    assert all(rule.port != 8000 for rule in _ingress(result, IP1))
+
+
+@pytest.mark.parametrize(
+    ("service", "missing"),
+    [
+        pytest.param(SourceServiceFacts("10.96.1.3"), "no ports", id="no-ports"),
+        pytest.param(SourceServiceFacts(None, (80,)), "no ClusterIP (headless)", id="headless"),
+    ],
+)
+def test_source_service_without_ports_or_cluster_ip_warns_and_egress_still_plans(
+        service: SourceServiceFacts, missing: str) -> None:
+    facts = ClusterFacts(CONNECTORS, {**FACTS.source_services, SVC1: service})
+    result = plan([SEED], facts, KEYS)
+    assert result.problems == {}
+    assert result.warnings == {SEED.ref: (
+        f"spec.sources[0].service: Service ns1/my-service1 has {missing}; 192.168.122.139 "
+        "cannot reach it through 192.168.122.200 (egress is unaffected)",)}
+    assert result.warnings[SEED.ref][0].reason == NO_INGRESS_PORTS
+    assert _ingress(result, IP1) == ()
+    assert _ingress(result, IP2) == (IngressRule(TARGET, 80, Endpoint("10.96.1.2", 80)),)
+    assert [r.name for r in result.sidecars[SVC1].rules] == ["default/my-externalservice:8000"]
+    assert result.gateway.sources[0].clients[0].allow == (Endpoint(TARGET, 8000),)
+
+
+def test_same_source_ip_and_port_to_another_backend_warns_on_the_later_es() -> None:
+    first = _es("es1", [(SVC1, IP1)])
+    later = _es("es2", [(SVC2, IP1)], target_ip="10.20.0.2")  # egress is fine: other target
+    result = plan([first, later], FACTS, KEYS)
+    assert result.problems == {}
+    assert list(result.warnings) == [later.ref]
+    (warning,) = result.warnings[later.ref]
+    assert warning.reason == INGRESS_CONFLICT
+    assert warning == ("spec.sources[0].service: 192.168.122.200:80 already leads to "
+                       "10.96.1.1:80 (in ExternalService default/es1); it cannot also lead to "
+                       "ns2/my-service2")
+    assert _ingress(result, IP1) == (IngressRule(TARGET, 80, Endpoint("10.96.1.1", 80)),)
+    assert [c.name for c in result.gateway.sources[0].clients] == [
+        "ns1/my-service1", "ns2/my-service2"]
+    # Earlier wins regardless of names: swap the order, swap the winner.
+    swapped = plan([later, first], FACTS, KEYS)
+    assert list(swapped.warnings) == [first.ref]
+    assert _ingress(swapped, IP1) == (
+        IngressRule("10.20.0.2", 80, Endpoint("10.96.1.2", 80)),)
+
+
+def test_same_backend_from_two_targets_is_one_listener_not_a_conflict() -> None:
+    first = _es("es1", [(SVC1, IP1)])
+    later = _es("es2", [(SVC1, IP1)], [{"port": 5432}], target_ip="10.20.0.2")
+    result = plan([first, later], FACTS, KEYS)
+    assert result.warnings == {}
+    source = result.gateway.source(IP1)
+    assert source is not None
+    assert source.ingress_ports() == {80: (Endpoint("10.96.1.1", 80),
+                                           frozenset({TARGET, "10.20.0.2"}))}
+
+
+def test_service_port_equal_to_the_ssh_port_is_not_relayed() -> None:
+    facts = ClusterFacts(CONNECTORS, {**FACTS.source_services,
+                                      SVC1: SourceServiceFacts("10.96.1.1", (80, 2022))})
+    result = plan([SEED], facts, KEYS)
+    assert _ingress(result, IP1) == (IngressRule(TARGET, 80, Endpoint("10.96.1.1", 80)),)
+    (warning,) = result.warnings[SEED.ref]
+    assert warning.reason == INGRESS_CONFLICT
+    assert "port 2022 of Service ns1/my-service1 is the gateway's SSH port" in warning
+
+
+def test_an_es_left_out_contributes_no_ingress() -> None:
+    result = plan([SEED], FACTS, KeyMaterial({SVC2: KEY_D}, KEYS.gateway_host_keys))
+    assert result.gateway == GatewayConfig(sources=())
+    assert result.warnings == {}
+
+
+def test_target_and_source_ip_of_different_families_warn() -> None:
+    es = _es("es1", [(SVC1, IP1)], target_ip="2001:db8::9")
+    (warning,) = plan([es], FACTS, KEYS).warnings[es.ref]
+    assert warning.reason == INGRESS_CONFLICT
+    assert "different address families" in warning

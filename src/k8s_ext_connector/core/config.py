@@ -5,11 +5,14 @@ Two documents, both plain YAML/JSON with camelCase keys (like Kubernetes objects
 - ``SidecarConfig``: the egress rules of one pod: which destinations to intercept, and for
   each the gateway SSH endpoint (with its pinned host key) and the target to open.
 - ``GatewayConfig``: for each source IP a gateway holds, the authorised client public keys
-  and, per key, the exact ``targetIP:port`` pairs it may open.
+  and, per key, the exact ``targetIP:port`` pairs it may open; and its ingress entries:
+  which peer may connect to ``sourceIP:port`` and the backend (a source Service's
+  ClusterIP) such connections are relayed to.
 
 Parsing is strict (unknown fields, bad IPs and ports fail with the field path and value)
 and also checks what makes a config unusable as a whole (one destination intercepted by
-two rules, a rule intercepting its own gateway's SSH endpoint, a key listed twice).
+two rules, a rule intercepting its own gateway's SSH endpoint, a key listed twice, an
+ingress port that is the gateway's SSH port or that leads to two backends).
 """
 
 from __future__ import annotations
@@ -223,12 +226,41 @@ class AuthorizedClient:
         }
 
 
+@dataclass(frozen=True, order=True)
+class IngressRule:
+    """Connections from ``allow_from`` to ``sourceIP:port`` are relayed to ``backend``.
+
+    ``allow_from`` is an ExternalService's targetIP and ``backend`` a source Service's
+    ClusterIP and port: the external server reaches that Service through the source IP it
+    already sees the Service's pods come from, and nobody else does.
+    """
+
+    allow_from: str
+    port: int
+    backend: Endpoint
+
+    @staticmethod
+    def read(data: object, path: str) -> IngressRule:
+        f = Fields(data, path)
+        rule = IngressRule(
+            allow_from=f.ip("allowFrom"),
+            port=f.port("port"),
+            backend=Endpoint.read(f.raw("backend"), f.path("backend")),
+        )
+        f.done()
+        return rule
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"allowFrom": self.allow_from, "port": self.port, "backend": self.backend.to_dict()}
+
+
 @dataclass(frozen=True)
 class SourceIPConfig:
-    """One source IP a gateway holds: its SSH server's clients."""
+    """One source IP a gateway holds: its SSH server's clients and its ingress entries."""
 
     source_ip: str
     clients: tuple[AuthorizedClient, ...] = field(default=())
+    ingress: tuple[IngressRule, ...] = field(default=())
 
     def client_for(self, public_key: str) -> AuthorizedClient | None:
         for client in self.clients:
@@ -240,7 +272,9 @@ class SourceIPConfig:
     def read(data: object, path: str) -> SourceIPConfig:
         f = Fields(data, path)
         source = SourceIPConfig(
-            source_ip=f.ip("sourceIP"), clients=f.items("clients", AuthorizedClient.read, [])
+            source_ip=f.ip("sourceIP"),
+            clients=f.items("clients", AuthorizedClient.read, []),
+            ingress=f.items("ingress", IngressRule.read, []),
         )
         f.done()
         seen: dict[str, int] = {}
@@ -253,10 +287,53 @@ class SourceIPConfig:
                     " merge their allow lists",
                 )
             seen[client.public_key] = i
+        source._check_ingress(path)
         return source
 
+    def _check_ingress(self, path: str) -> None:
+        family = _family(self.source_ip)
+        backends: dict[int, tuple[Endpoint, int]] = {}
+        entries: dict[IngressRule, int] = {}
+        for i, rule in enumerate(self.ingress):
+            where = f"{path}.ingress[{i}]"
+            if _family(rule.allow_from) != family:
+                raise ConfigError(
+                    f"{where}.allowFrom",
+                    rule.allow_from,
+                    f"is not of the address family of sourceIP {self.source_ip}",
+                )
+            if rule in entries:
+                raise ConfigError(where, str(rule.backend), f"repeats ingress[{entries[rule]}]")
+            entries[rule] = i
+            backend, first = backends.setdefault(rule.port, (rule.backend, i))
+            if backend != rule.backend:
+                raise ConfigError(
+                    f"{where}.backend",
+                    str(rule.backend),
+                    f"port {rule.port} already leads to {backend} (ingress[{first}]);"
+                    " one port has one backend",
+                )
+
+    def ingress_ports(self) -> dict[int, tuple[Endpoint, frozenset[str]]]:
+        """Port -> (backend, peers allowed to connect): one relay listener each."""
+        ports: dict[int, tuple[Endpoint, frozenset[str]]] = {}
+        for rule in self.ingress:
+            _, peers = ports.get(rule.port, (rule.backend, frozenset()))
+            ports[rule.port] = (rule.backend, peers | {rule.allow_from})
+        return ports
+
     def to_dict(self) -> dict[str, Any]:
-        return {"sourceIP": self.source_ip, "clients": [c.to_dict() for c in self.clients]}
+        data: dict[str, Any] = {
+            "sourceIP": self.source_ip,
+            "clients": [c.to_dict() for c in self.clients],
+        }
+        if self.ingress:  # absent rather than empty: egress-only configs read as before
+            data["ingress"] = [rule.to_dict() for rule in self.ingress]
+        return data
+
+
+def _family(address: str) -> int:
+    return 6 if ":" in address else 4
 
 
 @dataclass(frozen=True)
@@ -290,6 +367,13 @@ class GatewayConfig:
                     f"already listed as sources[{seen[source.source_ip]}]",
                 )
             seen[source.source_ip] = i
+            for j, rule in enumerate(source.ingress):
+                if rule.port == config.ssh_port:
+                    raise ConfigError(
+                        f"sources[{i}].ingress[{j}].port",
+                        rule.port,
+                        "is the gateway's sshPort; the SSH server already listens there",
+                    )
         return config
 
     def to_dict(self) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from typing import Literal, Protocol
 
 Backend = Literal["nft", "legacy"]
 BACKENDS: tuple[Backend, ...] = ("nft", "legacy")
+Family = Literal["ipv4", "ipv6"]
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ class SubprocessIptables:
     """The real binaries, e.g. ``iptables-nft-save`` / ``iptables-nft-restore``."""
 
     backend: Backend
-    family: Literal["ipv4", "ipv6"] = "ipv4"
+    family: Family = "ipv4"
 
     def _binary(self, verb: str) -> str:
         base = "iptables" if self.family == "ipv4" else "ip6tables"

@@ -8,13 +8,20 @@ This is the one place where the seed's semantics live:
   ``port``) with source IP ``sourceIP``;
 - the gateway SSH server for a source IP listens on ``sourceIP:ssh_port``; a client key is
   allowed to open exactly the ``targetIP:targetPort`` pairs of the ExternalServices that
-  list its source service with that source IP.
+  list its source service with that source IP;
+- ingress: a connection from ``targetIP`` to ``sourceIP:<p>``, for each port ``p`` of the
+  source Service, is relayed by the gateway to that Service's ``ClusterIP:<p>``; nobody
+  else may connect there.
 
 The planner is pure. A problem with one ExternalService (a missing source service, a
 source IP claimed by two services for the same target port, ...) is reported for that
 ExternalService, which is left out of the plan; the others are planned as usual. Where two
 ExternalServices conflict, the one earlier in the input order keeps its claim (the operator
 passes them oldest first).
+
+Ingress never keeps an ExternalService out: egress works without it. What stops a source's
+ingress (a Service without ports or ClusterIP, a port already leading elsewhere on that
+source IP) is a *warning*: the affected ingress entries are left out, the rest is planned.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from k8s_ext_connector.core.config import (
     Endpoint,
     GatewayConfig,
     GatewayEndpoint,
+    IngressRule,
     SidecarConfig,
     SourceIPConfig,
 )
@@ -48,9 +56,15 @@ class Problem(str):
         return problem
 
 
+# Reasons of warnings: ingress does not work (fully), egress is unaffected.
+NO_INGRESS_PORTS = "NoIngressPorts"
+INGRESS_CONFLICT = "IngressConflict"
+WARNING_REASONS = (NO_INGRESS_PORTS, INGRESS_CONFLICT)
+
+
 @dataclass(frozen=True)
 class SourceServiceFacts:
-    """What the cluster says about a source Service (ports matter for ingress, later)."""
+    """What the cluster says about a source Service: ingress goes to ``cluster_ip:ports``."""
 
     cluster_ip: str | None
     ports: tuple[int, ...] = ()
@@ -85,7 +99,10 @@ class PlanOptions:
 class Plan:
     sidecars: Mapping[ServiceRef, SidecarConfig]
     gateway: GatewayConfig
+    # ExternalService -> why it was left out of the plan.
     problems: Mapping[ServiceRef, tuple[Problem, ...]] = field(default_factory=dict)
+    # ExternalService -> why (part of) its ingress was left out; it is planned otherwise.
+    warnings: Mapping[ServiceRef, tuple[Problem, ...]] = field(default_factory=dict)
 
 
 def plan(
@@ -101,6 +118,10 @@ def plan(
     # (source service, intercepted destination) -> ExternalService that owns it
     intercepts: dict[tuple[ServiceRef, Endpoint], ServiceRef] = {}
     problems: dict[ServiceRef, tuple[Problem, ...]] = {}
+    # sourceIP -> port -> (backend, ExternalService that claimed it first)
+    ingress: dict[str, dict[int, tuple[Endpoint, ServiceRef]]] = defaultdict(dict)
+    ingress_rules: dict[str, set[IngressRule]] = defaultdict(set)
+    warnings: dict[ServiceRef, tuple[Problem, ...]] = {}
 
     for es in externalservices:
         found = _problems(es, facts, keys, claims, intercepts, options)
@@ -136,6 +157,9 @@ def plan(
                 claims[(source.source_ip, target)] = (source.service, es.ref)
                 for destination in caught:
                     intercepts[(source.service, destination)] = es.ref
+        found = _plan_ingress(es, facts, options, ingress, ingress_rules)
+        if found:
+            warnings[es.ref] = found
 
     sidecars = {
         service: SidecarConfig(rules=tuple(service_rules), listen_port=options.listen_port)
@@ -154,11 +178,71 @@ def plan(
                     )
                     for service, targets in sorted(by_service.items())
                 ),
+                ingress=tuple(sorted(ingress_rules.get(source_ip, ()))),
             )
             for source_ip, by_service in sorted(allow.items())
         ),
     )
-    return Plan(sidecars=sidecars, gateway=gateway_config, problems=problems)
+    return Plan(
+        sidecars=sidecars, gateway=gateway_config, problems=problems, warnings=warnings
+    )
+
+
+def _plan_ingress(
+    es: ExternalService,
+    facts: ClusterFacts,
+    options: PlanOptions,
+    claims: dict[str, dict[int, tuple[Endpoint, ServiceRef]]],
+    rules: dict[str, set[IngressRule]],
+) -> tuple[Problem, ...]:
+    """Add the ingress entries of a planned ``es``; warnings for those that cannot be."""
+    found: list[Problem] = []
+    for i, source in enumerate(es.spec.sources):
+        where = f"spec.sources[{i}].service"
+        service = facts.source_services[source.service]
+        if (":" in es.spec.target_ip) != (":" in source.source_ip):
+            found.append(
+                Problem(
+                    INGRESS_CONFLICT,
+                    f"{where}: targetIP {es.spec.target_ip} and sourceIP {source.source_ip} "
+                    "are of different address families; no connection can go between them",
+                )
+            )
+            continue
+        if service.cluster_ip is None or not service.ports:
+            missing = "no ClusterIP (headless)" if service.cluster_ip is None else "no ports"
+            found.append(
+                Problem(
+                    NO_INGRESS_PORTS,
+                    f"{where}: Service {source.service} has {missing}; {es.spec.target_ip} "
+                    f"cannot reach it through {source.source_ip} (egress is unaffected)",
+                )
+            )
+            continue
+        for port in sorted(set(service.ports)):
+            backend = Endpoint(service.cluster_ip, port)
+            if port == options.ssh_port:
+                found.append(
+                    Problem(
+                        INGRESS_CONFLICT,
+                        f"{where}: port {port} of Service {source.service} is the gateway's "
+                        f"SSH port on {source.source_ip}; it cannot be relayed",
+                    )
+                )
+                continue
+            holder, owner = claims[source.source_ip].setdefault(port, (backend, es.ref))
+            if holder != backend:
+                found.append(
+                    Problem(
+                        INGRESS_CONFLICT,
+                        f"{where}: {source.source_ip}:{port} already leads to {holder} "
+                        f"(in ExternalService {owner}); it cannot also lead to "
+                        f"{source.service}",
+                    )
+                )
+                continue
+            rules[source.source_ip].add(IngressRule(es.spec.target_ip, port, backend))
+    return tuple(dict.fromkeys(found))
 
 
 def _intercepted(

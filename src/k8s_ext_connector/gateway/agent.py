@@ -10,22 +10,30 @@ no shell, no exec, no remote forwarding: the server is not an open proxy.
 Reload applies a new config as a diff: listeners for new source IPs start, removed ones
 stop; connections whose key lost its authorisation and channels whose target is no
 longer allowed are closed; everything still allowed keeps flowing.
+
+Ingress (``gateway/ingress.py``) runs in the same agent: the relay listeners and the
+filter chain that backs their peer check (``gateway/rules.py``) follow the same config.
+The chain is applied before anything else changes, so a failure to apply it leaves the
+running config wholly in force; it is removed at stop and replaced at start.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 
 import asyncssh
 
+from k8s_ext_connector.core import iptables
 from k8s_ext_connector.core.bridge import Splice
 from k8s_ext_connector.core.config import Endpoint, GatewayConfig
 from k8s_ext_connector.core.fields import canonical_ip
 from k8s_ext_connector.core.ssh import WINDOW, tuned_options
+from k8s_ext_connector.gateway import rules
 from k8s_ext_connector.gateway.addresses import AddressManager, reconcile_addresses
+from k8s_ext_connector.gateway.ingress import IngressRelay
 
 log = logging.getLogger(__name__)
 LISTEN_RETRY_SECONDS = 2.0
@@ -144,20 +152,28 @@ class _SourceIPServer(asyncssh.SSHServer):
 
 
 class GatewayAgent:
-    """Serves a ``GatewayConfig``; ``apply`` moves it to a new one without a restart."""
+    """Serves a ``GatewayConfig``; ``apply`` moves it to a new one without a restart.
+
+    ``firewalls`` holds the iptables of each address family whose ingress chain the agent
+    manages (none: the relay's own peer check is the only one, e.g. in unit tests).
+    """
 
     def __init__(
         self,
         config: GatewayConfig,
         host_key: asyncssh.SSHKey,
         addresses: AddressManager | None = None,
+        firewalls: Mapping[iptables.Family, iptables.Iptables] | None = None,
     ) -> None:
         self.config = config
         self._host_key = host_key
         self._addresses = addresses
+        self._firewalls = dict(firewalls or {})
         self._listeners: dict[str, asyncssh.SSHAcceptor] = {}
         self._sessions: set[_Session] = set()
         self._retry: asyncio.Task[None] | None = None
+        self.ingress = IngressRelay()
+        self._rules_applied = False
 
     def client_name(self, source_ip: str, public_key: str) -> str:
         source = self.config.source(source_ip)
@@ -174,6 +190,7 @@ class GatewayAgent:
         self._retry = asyncio.create_task(self._retry_listeners())
 
     async def apply(self, config: GatewayConfig) -> None:
+        self._apply_rules(config)  # first: if it fails, nothing else has changed
         port_changed = config.ssh_port != self.config.ssh_port
         self.config = config
         wanted = {source.source_ip for source in config.sources}
@@ -182,8 +199,16 @@ class GatewayAgent:
         for source_ip in sorted(self._listeners):
             if source_ip not in wanted or port_changed:
                 await self._stop_listener(source_ip)
+        # Ingress before SSH: a port one of them gives up may be the one the other takes.
+        await self.ingress.apply(config)
         await self._start_missing_listeners()
         self._close_revoked()
+
+    def _apply_rules(self, config: GatewayConfig) -> None:
+        for family, firewall in sorted(self._firewalls.items()):
+            if iptables.apply(firewall, rules.render_ingress_rules(config, family)):
+                log.info("ingress filter rules (%s) updated", family)
+        self._rules_applied = bool(self._firewalls)
 
     async def _start_missing_listeners(self) -> None:
         for source in self.config.sources:
@@ -218,6 +243,8 @@ class GatewayAgent:
             await asyncio.sleep(LISTEN_RETRY_SECONDS)
             if len(self._listeners) < len(self.config.sources):
                 await self._start_missing_listeners()
+            if self.ingress.missing():
+                await self.ingress.start_missing()
 
     async def _stop_listener(self, source_ip: str) -> None:
         listener = self._listeners.pop(source_ip)
@@ -248,7 +275,12 @@ class GatewayAgent:
     async def stop(self) -> None:
         if self._retry is not None:
             self._retry.cancel()
+        await self.ingress.stop()
         for source_ip in sorted(self._listeners):
             await self._stop_listener(source_ip)
+        if self._rules_applied:
+            for firewall in self._firewalls.values():
+                iptables.remove(firewall, rules.TABLE, rules.OWNED_PREFIX)
+            self._rules_applied = False
         if self._addresses is not None:
             reconcile_addresses(self._addresses, ())

@@ -1,6 +1,7 @@
 """The lab's "external server": HTTP that answers and logs each client's source IP.
 
-``GET /`` answers the client IP; ``GET /bytes?n=N&delay=S`` streams N bytes in 64 KiB
+``GET /`` answers the client IP (``--name NAME``: "NAME client-IP", so a pod serving ingress
+says who answered and whom it saw); ``GET /bytes?n=N&delay=S`` streams N bytes in 64 KiB
 chunks, sleeping S seconds between chunks (a transfer that stays in flight). Every
 request is appended to the log as one JSON line: {"port", "client", "path"}.
 ``--sink-port`` adds raw TCP ports that read to EOF and answer the byte count (benchmarks).
@@ -30,7 +31,7 @@ class _Log:
             self._handle.write(json.dumps(record) + "\n")
 
 
-def _handler(log: _Log, port: int) -> type[BaseHTTPRequestHandler]:
+def _handler(log: _Log, port: int, name: str | None = None) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.0"
 
@@ -56,7 +57,7 @@ def _handler(log: _Log, port: int) -> type[BaseHTTPRequestHandler]:
                     if delay:
                         time.sleep(delay)
                 return
-            body = (client + "\n").encode()
+            body = (f"{name} {client}" if name else client).encode() + b"\n"
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -89,10 +90,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, action="append", default=[])
     parser.add_argument("--sink-port", type=int, action="append", default=[])
     parser.add_argument("--log", type=Path, required=True)
+    parser.add_argument("--name", help="answer GET / with this name before the client IP")
     args = parser.parse_args()
     log = _Log(args.log)
     servers: list[socketserver.BaseServer] = [
-        _ThreadingHTTP((args.host, port), _handler(log, port)) for port in args.port
+        _ThreadingHTTP((args.host, port), _handler(log, port, args.name)) for port in args.port
     ]
     servers += [_ThreadingTCP((args.host, port), _Sink) for port in args.sink_port]
     threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]

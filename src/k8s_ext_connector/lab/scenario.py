@@ -2,10 +2,13 @@
 
 The configs come from the real planner, exactly as the operator will produce them; only
 the cluster facts (ClusterIPs, which Services exist) are stated here instead of observed.
+By default the source Services have no ClusterIP (egress only); ``INGRESS_SERVICES`` gives
+them the ClusterIPs the lab emulates and port 80, as the seed's ``kubectl expose`` does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from k8s_ext_connector.certs.ssh import KeyPair, generate_key_pair
@@ -17,11 +20,22 @@ from k8s_ext_connector.core.planner import (
     SourceServiceFacts,
     plan,
 )
-from k8s_ext_connector.lab.topology import EXTERNAL_SERVER_IP, SERVICE_IP, SOURCE_IPS
+from k8s_ext_connector.lab.topology import (
+    EXTERNAL_SERVER_IP,
+    POD_HTTP_PORT,
+    SERVICE_IP,
+    SOURCE_IPS,
+    SOURCE_SERVICE_IPS,
+)
 
 SERVICE1 = ServiceRef("ns1", "my-service1")
 SERVICE2 = ServiceRef("ns2", "my-service2")
 EXTERNAL_SERVICE = ServiceRef("external-services", "my-externalservice")
+EGRESS_ONLY = {SERVICE1: SourceServiceFacts(None), SERVICE2: SourceServiceFacts(None)}
+INGRESS_SERVICES = {
+    SERVICE1: SourceServiceFacts(SOURCE_SERVICE_IPS[0], (POD_HTTP_PORT,)),
+    SERVICE2: SourceServiceFacts(SOURCE_SERVICE_IPS[1], (POD_HTTP_PORT,)),
+}
 
 
 def seed_spec(ports: tuple[tuple[int, int], ...] = ((8000, 8000),)) -> ExternalServiceSpec:
@@ -53,12 +67,14 @@ class ScenarioKeys:
 
 
 def plan_seed(
-    keys: ScenarioKeys, host_key: KeyPair, ports: tuple[tuple[int, int], ...] = ((8000, 8000),)
+    keys: ScenarioKeys,
+    host_key: KeyPair,
+    ports: tuple[tuple[int, int], ...] = ((8000, 8000),),
+    source_services: Mapping[ServiceRef, SourceServiceFacts] = EGRESS_ONLY,
 ) -> Plan:
     es = ExternalService(EXTERNAL_SERVICE.namespace, EXTERNAL_SERVICE.name, seed_spec(ports))
     facts = ClusterFacts(
-        connector_ips={EXTERNAL_SERVICE: SERVICE_IP},
-        source_services={SERVICE1: SourceServiceFacts(None), SERVICE2: SourceServiceFacts(None)},
+        connector_ips={EXTERNAL_SERVICE: SERVICE_IP}, source_services=source_services
     )
     material = KeyMaterial(
         client_keys={ref: pair.public_openssh for ref, pair in keys.clients.items()},

@@ -15,6 +15,18 @@
   makes it do. The ExternalService's ClusterIP is ``SERVICE_IP``.
 - Every process runs inside a lab namespace and is killed with it; ``close()`` removes
   everything even after a failure, and ``sweep_orphans`` after a crash.
+
+For ingress (opt-in, so the egress tests see the node exactly as before):
+
+- ``start_pod_server`` runs an HTTP server on port 80 in a pod that answers
+  "<pod name> <client IP it sees>";
+- ``emulate_cluster_ip`` gives a source Service a ClusterIP in 198.51.100.128/25. The lab
+  has no kube-proxy, so the "node" (gateway netns) gets what kube-proxy would install
+  for a connection the node itself opens to a ClusterIP: DNAT in nat OUTPUT to the pod,
+  and masquerade towards the pod network (kube-proxy masquerades node-originated Service
+  traffic), so the pod sees the node's pod-side address, 198.51.100.1;
+- ``add_external_address`` puts a second address (``OTHER_EXTERNAL_IP``) on the external
+  server's interface: "another host" on the external network, for refusals.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from k8s_ext_connector.certs.ssh import KeyPair, generate_key_pair, write_private_key
+from k8s_ext_connector.core import iptables
 from k8s_ext_connector.core.config import GatewayConfig, SidecarConfig, dump
 from k8s_ext_connector.lab import netns
 
@@ -49,6 +62,12 @@ SOURCE_IPS = ("203.0.113.200", "203.0.113.201")
 GATEWAY_IFACE = "ext0"
 HTTP_PORTS = (8000, 8001)
 SINK_PORT = 9000
+POD_HTTP_PORT = 80
+POD_SINK_PORT = 9000
+# ClusterIPs of the source Services my-service1 and my-service2 (emulate_cluster_ip).
+SOURCE_SERVICE_IPS = ("198.51.100.140", "198.51.100.141")
+OTHER_EXTERNAL_IP = "203.0.113.11"
+LAB_SERVICES_CHAIN = "LAB-SERVICES"  # not EXTCONN-: the agents must never own or remove it
 
 _counter = itertools.count()
 
@@ -99,6 +118,8 @@ class Lab:
     processes: list[Process] = field(default_factory=list)
     gateway: Process | None = None
     host_key: KeyPair = field(default_factory=generate_key_pair)
+    # Emulated ClusterIP -> (pod IP, ports), see emulate_cluster_ip.
+    cluster_ips: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
 
     # ---- construction -------------------------------------------------------------
     @staticmethod
@@ -195,6 +216,37 @@ class Lab:
             self.ext_ns, "route", "add", f"198.51.100.0/{POD_PREFIX}", "via", GATEWAY_EXTERNAL_IP
         )
 
+    def emulate_cluster_ip(self, cluster_ip: str, pod_name: str, ports: Sequence[int]) -> None:
+        """What kube-proxy does on the node for a connection the node opens to a ClusterIP.
+
+        nat OUTPUT: DNAT ``cluster_ip:port`` to the pod; nat POSTROUTING: masquerade such
+        connections towards the pod network. Connections from pods are not affected.
+        """
+        self.cluster_ips[cluster_ip] = (self.pods[pod_name].ip, tuple(ports))
+        dnat = tuple(
+            f"-d {ip}/32 -p tcp -m tcp --dport {port} -j DNAT --to-destination {pod_ip}:{port}"
+            for ip, (pod_ip, ports_of) in sorted(self.cluster_ips.items())
+            for port in ports_of
+        )
+        masquerade = (f"-d 198.51.100.0/{POD_PREFIX} -m conntrack --ctstate DNAT -j MASQUERADE",)
+        hook = iptables.comment("lab: emulated kube-proxy")
+        iptables.apply(
+            NetnsIptables(self.gw_ns),
+            iptables.ChainSet(
+                table="nat",
+                chains={LAB_SERVICES_CHAIN: dnat, f"{LAB_SERVICES_CHAIN}-MASQ": masquerade},
+                jumps=(
+                    iptables.Jump("OUTPUT", f"-d {SERVICE_CIDR} {hook} -j {LAB_SERVICES_CHAIN}"),
+                    iptables.Jump("POSTROUTING", f"{hook} -j {LAB_SERVICES_CHAIN}-MASQ"),
+                ),
+                owned_prefix=LAB_SERVICES_CHAIN,
+            ),
+        )
+
+    def add_external_address(self, address: str = OTHER_EXTERNAL_IP) -> None:
+        """A second host on the external network (an address clients can bind to)."""
+        self._ip(self.ext_ns, "addr", "add", f"{address}/{EXTERNAL_PREFIX}", "dev", "eth0")
+
     # ---- processes ------------------------------------------------------------------
     def spawn(self, name: str, ns: str, argv: Sequence[str]) -> Process:
         log_path = self.workdir / f"{name}.log"
@@ -230,6 +282,37 @@ class Lab:
         for port in (*HTTP_PORTS, SINK_PORT):
             self.wait_tcp(self.ext_ns, EXTERNAL_SERVER_IP, port, process=server)
         return server
+
+    def start_pod_server(self, pod_name: str, sink: bool = False) -> Process:
+        """HTTP on ``POD_HTTP_PORT`` in the pod, answering "<pod name> <client IP>"
+        (``sink``: also a byte-counting sink on ``POD_SINK_PORT``, for benchmarks)."""
+        pod = self.pods[pod_name]
+        argv = [
+            sys.executable,
+            "-m",
+            "k8s_ext_connector.lab.echo_server",
+            "--log",
+            str(self.pod_server_log_path(pod_name)),
+            "--name",
+            pod_name,
+            "--port",
+            str(POD_HTTP_PORT),
+        ]
+        if sink:
+            argv += ["--sink-port", str(POD_SINK_PORT)]
+        server = self.spawn(f"server-{pod_name}", pod.netns, argv)
+        for port in (POD_HTTP_PORT, *((POD_SINK_PORT,) if sink else ())):
+            self.wait_tcp(pod.netns, pod.ip, port, process=server)
+        return server
+
+    def pod_server_log_path(self, pod_name: str) -> Path:
+        return self.workdir / f"server-{pod_name}.jsonl"
+
+    def pod_server_log(self, pod_name: str) -> list[dict[str, object]]:
+        path = self.pod_server_log_path(pod_name)
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     @property
     def server_log_path(self) -> Path:
@@ -386,6 +469,21 @@ class Lab:
         for ns in [pod.netns for pod in self.pods.values()] + [self.gw_ns, self.ext_ns]:
             netns.delete(ns)
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class NetnsIptables:
+    """``core.iptables.Iptables`` (nft backend) of one lab namespace, for the lab's own rules."""
+
+    ns: str
+
+    def save(self, table: str) -> str:
+        return netns.sh(["ip", "netns", "exec", self.ns, "iptables-nft-save", "-t", table]).stdout
+
+    def restore(self, text: str) -> None:
+        netns.sh(
+            ["ip", "netns", "exec", self.ns, "iptables-nft-restore", "--noflush"], input_text=text
+        )
 
 
 def _try_connect(host: str, port: int) -> bool:

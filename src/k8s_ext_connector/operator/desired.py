@@ -25,6 +25,7 @@ from typing import Any
 from k8s_ext_connector.core.api import ServiceRef
 from k8s_ext_connector.core.config import GatewayConfig, SidecarConfig, SourceIPConfig, dump
 from k8s_ext_connector.core.planner import (
+    WARNING_REASONS,
     ClusterFacts,
     KeyMaterial,
     PlanOptions,
@@ -169,7 +170,7 @@ def compute(snapshot: Snapshot, keys: KeyBook, settings: OperatorSettings) -> De
     facts = ClusterFacts(
         connector_ips=connector_ips,
         source_services={
-            ref: SourceServiceFacts(record.cluster_ip, record.ports)
+            ref: SourceServiceFacts(record.cluster_ip, record.tcp_ports)
             for ref, record in snapshot.services.items()
         },
     )
@@ -202,7 +203,15 @@ def compute(snapshot: Snapshot, keys: KeyBook, settings: OperatorSettings) -> De
 
     statuses = {
         es.ref: _status(
-            es, snapshot, result.problems, name_conflicts, connector_ips, assignment, settings
+            es,
+            snapshot,
+            result.problems,
+            result.warnings.get(es.ref, ()),
+            result.gateway,
+            name_conflicts,
+            connector_ips,
+            assignment,
+            settings,
         )
         for es in live
     }
@@ -293,6 +302,8 @@ def _status(
     es: ExternalServiceRecord,
     snapshot: Snapshot,
     problems: Mapping[ServiceRef, tuple[Problem, ...]],
+    warnings: Sequence[Problem],
+    planned: GatewayConfig,
     name_conflicts: Mapping[ServiceRef, Problem],
     connector_ips: Mapping[ServiceRef, str],
     assignment: Mapping[str, str | None],
@@ -309,7 +320,12 @@ def _status(
         [name_conflicts[es.ref]] if es.ref in name_conflicts else []
     )
     # A missing host key only means the gateway is not assigned yet: GatewayAssigned says so.
-    blocking = [p for p in found if p.reason not in ("NoGatewayNode", "ClientKeyPending")]
+    # Ingress warnings leave egress working: the Ingress condition says so.
+    blocking = [
+        p
+        for p in found
+        if p.reason not in ("NoGatewayNode", "ClientKeyPending", *WARNING_REASONS)
+    ]
     accepted = (
         _condition("Accepted", False, blocking[0].reason, "; ".join(blocking))
         if blocking
@@ -329,6 +345,7 @@ def _status(
         else _condition("GatewayAssigned", True, "Assigned", "every source IP has a gateway node")
     )
 
+    ingress_ports = _ingress_ports(es, snapshot, planned)
     sources = []
     missing_sidecars: list[str] = []
     not_ready: list[str] = []
@@ -359,6 +376,9 @@ def _status(
             entry["gatewayNode"] = node
         if without:
             entry["podsWithoutSidecar"] = without[:MAX_PODS_NAMED]
+        ports = ingress_ports.get(source.source_ip)
+        if ports:
+            entry["ingressPorts"] = ports
         sources.append(entry)
 
     if missing_sidecars:
@@ -396,15 +416,47 @@ def _status(
             "SidecarsReady", True, "AllReady", "every selected pod's sidecar is ready"
         )
 
+    if warnings:
+        ingress = _condition("Ingress", False, warnings[0].reason, "; ".join(warnings))
+    elif blocking:
+        ingress = _condition("Ingress", False, blocking[0].reason, "; ".join(blocking))
+    elif found:  # keys or gateway pending: GatewayAssigned and Ready say what is missing
+        ingress = {**_condition("Ingress", False, "Pending", "; ".join(found)), "status": "Unknown"}
+    else:
+        ingress = _condition(
+            "Ingress",
+            True,
+            "Relayed",
+            f"{es.spec.target_ip} reaches each source service on its ports through its sourceIP",
+        )
     ready = _ready(accepted, gateway, sidecars, es.ref in connector_ips)
     status.update(
         clusterIP=connector_ips.get(es.ref, ""),
         sourceCount=len(es.spec.sources),
         ready=f"{ready_count}/{len(es.spec.sources)}",
-        conditions=[accepted, gateway, sidecars, ready],
+        conditions=[accepted, gateway, sidecars, ingress, ready],
         sources=sources,
     )
     return status
+
+
+def _ingress_ports(
+    es: ExternalServiceRecord, snapshot: Snapshot, planned: GatewayConfig
+) -> dict[str, list[int]]:
+    """sourceIP -> ports the gateway relays from targetIP to its source service (as planned)."""
+    assert es.spec is not None
+    ports: dict[str, list[int]] = {}
+    for source in es.spec.sources:
+        record = snapshot.services.get(source.service)
+        config = planned.source(source.source_ip)
+        if record is None or record.cluster_ip is None or config is None:
+            continue
+        ports[source.source_ip] = sorted(
+            rule.port
+            for rule in config.ingress
+            if rule.allow_from == es.spec.target_ip and rule.backend.address == record.cluster_ip
+        )
+    return ports
 
 
 def _ready(

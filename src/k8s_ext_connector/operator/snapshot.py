@@ -56,6 +56,7 @@ class ServiceRecord:
     selector: tuple[tuple[str, str], ...]
     ports: tuple[int, ...]
     labels: tuple[tuple[str, str], ...] = ()
+    tcp_ports: tuple[int, ...] = ()  # what ingress relays (a UDP port is not a TCP one)
 
 
 @dataclass(frozen=True)
@@ -121,15 +122,14 @@ def service_record(body: Mapping[str, Any]) -> ServiceRecord:
     meta = _meta(body)
     spec = body.get("spec") or {}
     cluster_ip = spec.get("clusterIP")
-    ports = tuple(
-        int(p["port"]) for p in spec.get("ports") or [] if isinstance(p, Mapping) and "port" in p
-    )
+    listed = [p for p in spec.get("ports") or [] if isinstance(p, Mapping) and "port" in p]
     return ServiceRecord(
         ref=ServiceRef(str(meta.get("namespace", "")), str(meta.get("name", ""))),
         cluster_ip=cluster_ip if cluster_ip and cluster_ip != "None" else None,
         selector=_pairs(spec.get("selector")),
-        ports=ports,
+        ports=tuple(int(p["port"]) for p in listed),
         labels=_pairs(meta.get("labels")),
+        tcp_ports=tuple(int(p["port"]) for p in listed if p.get("protocol", "TCP") == "TCP"),
     )
 
 

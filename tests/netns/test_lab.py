@@ -1,0 +1,275 @@
+"""``k8s-ext-connector lab`` end to end: namespaces, the real operator, webhook, gateway and
+sidecars, the emulator as API server, and kubectl as the user.
+
+One lab for the module (bring-up is the slow part); the tests run in file order and each
+leaves the seed's ExternalService applied and Ready. Every wait polls with a deadline.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from k8s_ext_connector.lab import netns, state
+from k8s_ext_connector.lab.client import run_gets
+from k8s_ext_connector.lab.cluster import CONNECTOR_NAMESPACE, is_test_net
+from k8s_ext_connector.lab.session import (
+    Check,
+    LabSession,
+    Ref,
+    ingress_built,
+    seed_manifest,
+    table,
+)
+from k8s_ext_connector.lab.topology import SERVICE_CIDR, SOURCE_IPS
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed"),
+]
+T = TypeVar("T")
+LOG: list[str] = []  # the lab's progress lines, shown when a wait fails
+REF: Ref = ("default", "my-externalservice")
+PORT_8001 = ((8000, 8000), (8001, 8001))
+
+
+def wait_for(check: Callable[[], T | None], timeout: float, what: str) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            tail = "\n".join(LOG[-40:])
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{tail}")
+        time.sleep(0.05)
+
+
+def expected_rows(ports: tuple[int, ...] = (8000,)) -> set[tuple[str, str, str, str]]:
+    """The table the seed's walkthrough must print (ingress rows pass once it is built)."""
+    rows = set()
+    for pod, source_ip in (("my-pod1", SOURCE_IPS[0]), ("my-pod2", SOURCE_IPS[1])):
+        for port in ports:
+            rows.add((f"{pod} -> my-externalservice:{port}", source_ip, source_ip, "pass"))
+    rows.add(("other-pod -> my-externalservice:8000", "refused", "refused", "pass"))
+    for pod, source_ip, service in (
+        ("my-pod1", SOURCE_IPS[0], "my-service1"),
+        ("my-pod2", SOURCE_IPS[1], "my-service2"),
+    ):
+        name = f"server -> {source_ip}:80 ({service})"
+        if ingress_built():
+            rows.add((name, pod, pod, "pass"))
+        else:
+            rows.add((name, pod, "ingress: not built yet", "SKIP"))
+    return rows
+
+
+def rows(checks: list[Check]) -> set[tuple[str, str, str, str]]:
+    return {(c.name, c.expected, c.seen, c.result) for c in checks}
+
+
+def assert_table(session: LabSession, ports: tuple[int, ...] = (8000,)) -> None:
+    checks = session.wait_checks(REF, timeout=20)
+    tail = "\n".join(LOG[-40:])
+    assert rows(checks) == expected_rows(ports), f"\n{table(checks)}\n{tail}"
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabSession]:
+    lab = LabSession.open(tmp_path_factory.mktemp("lab-state"), LOG.append, connections=5)
+    try:
+        lab.walkthrough(seed_manifest())
+        yield lab
+    finally:
+        lab.close()
+
+
+def es(session: LabSession) -> dict[str, Any]:
+    obj = session.cluster.externalservice(*REF)
+    assert obj is not None
+    return obj
+
+
+def test_the_seed_walkthrough_passes_with_the_real_control_plane(session: LabSession) -> None:
+    assert_table(session)
+    listing = session.get_externalservices()
+    assert listing.split("\n")[1].split()[:5] == [
+        "default",
+        "my-externalservice",
+        "203.0.113.10",
+        "2",
+        "2/2",
+    ], listing
+    # The pods came out of the API injected by the webhook, and the kubelet's reports
+    # are what made the operator's status true.
+    for namespace, pod in (("ns1", "my-pod1"), ("ns2", "my-pod2")):
+        stored = session.cluster.get("pods", namespace, pod)
+        assert stored is not None
+        init = stored["spec"]["initContainers"]
+        assert init[0]["name"] == "ext-connector"
+        assert init[0]["restartPolicy"] == "Always"
+        assert stored["status"]["initContainerStatuses"][0]["ready"] is True
+    other = session.cluster.get("pods", "ns1", "other-pod")
+    assert other is not None
+    assert "initContainers" not in other["spec"]
+    conditions = {c["type"]: c["status"] for c in es(session)["status"]["conditions"]}
+    assert conditions["Ready"] == "True", conditions
+
+
+def test_every_address_in_the_namespaces_is_test_net(session: LabSession) -> None:
+    cluster_ips = [s["spec"]["clusterIP"] for s in session.cluster.objects("services")]
+    assert cluster_ips
+    assert all(is_test_net(ip) for ip in cluster_ips), cluster_ips
+    connector = session.cluster.get("services", CONNECTOR_NAMESPACE, REF[1])
+    assert connector is not None
+    assert ipaddress.ip_address(connector["spec"]["clusterIP"]) in ipaddress.ip_network(
+        SERVICE_CIDR
+    )
+    for ns in (session.lab.gw_ns, *[p.netns for p in session.lab.pods.values()]):
+        addresses = json.loads(netns.sh(["ip", "-j", "-n", ns, "addr"]).stdout)
+        for link in addresses:
+            for info in link.get("addr_info", []):
+                if info["family"] == "inet" and not info["local"].startswith("127."):
+                    assert is_test_net(info["local"]), (ns, info["local"])
+
+
+def test_editing_the_externalservice_adds_a_port(session: LabSession) -> None:
+    session.apply(seed_manifest(PORT_8001))
+    wait_for(
+        lambda: es(session)["status"].get("observedGeneration") == 2,
+        10,
+        "the operator to see the edit",
+    )
+    assert_table(session, (8000, 8001))
+    ports = session.cluster.get("services", CONNECTOR_NAMESPACE, REF[1])
+    assert ports is not None
+    assert [p["port"] for p in ports["spec"]["ports"]] == [8000, 8001]
+    session.apply(seed_manifest())
+    wait_for(lambda: es(session)["status"].get("observedGeneration") == 3, 10, "the edit back")
+    assert_table(session)
+
+
+def test_deleting_and_reapplying_the_externalservice(session: LabSession) -> None:
+    before = es(session)["metadata"]["uid"]
+    old_ip = es(session)["status"]["clusterIP"]
+    restarts = {
+        key: runtime.sidecar.restarts
+        for key, runtime in session.node.pods.items()
+        if runtime.sidecar_spec is not None
+    }
+    session.delete(REF)
+    # Gone for real: the operator removed what it owned, and the pods fail closed.
+    wait_for(
+        lambda: session.cluster.get("services", CONNECTOR_NAMESPACE, REF[1]) is None,
+        10,
+        "the connector Service to be deleted",
+    )
+    pod1 = session.lab.pods["my-pod1"]
+
+    def refused() -> bool:
+        outcome = netns.call_in_netns(pod1.netns, lambda: run_gets(old_ip, 8000, 1))
+        return not outcome[0].ok
+
+    wait_for(refused, 15, "my-pod1's connections to fail once the ExternalService is gone")
+    session.apply(seed_manifest())
+    wait_for(lambda: es(session)["metadata"]["uid"] != before, 10, "the new object")
+    # The operator issued new client keys; the sidecars read keys only at start, so the
+    # lab restarts them (announced as a deviation; see lab/kubelet.py).
+    wait_for(
+        lambda: all(
+            session.node.pods[key].sidecar.restarts > count for key, count in restarts.items()
+        ),
+        15,
+        "the sidecars to restart with their new keys",
+    )
+    session.wait_ready(REF, 20)
+    assert_table(session)
+
+
+def test_the_gateway_restarting(session: LabSession) -> None:
+    gateway = session.node.gateway
+    assert gateway.process is not None
+    old_pid = gateway.process.popen.pid
+    os.kill(old_pid, signal.SIGKILL)  # a crash: the kubelet restarts the container
+    wait_for(
+        lambda: (
+            gateway.process is not None and gateway.process.popen.pid != old_pid and gateway.alive()
+        ),
+        15,
+        "the kubelet to restart the gateway",
+    )
+    assert_table(session)
+    session.node.restart_gateway()  # and a clean stop/start
+    assert_table(session)
+
+
+def test_up_status_down_after_a_crash(tmp_path: Path) -> None:
+    """The CLI: `lab up` leaves a supervisor; killing it (a crash) leaves processes and
+    namespaces behind; `lab down` removes them all."""
+    state_dir = tmp_path / "state"
+    cli = [sys.executable, "-m", "k8s_ext_connector", "lab"]
+    record: state.LabRecord | None = None
+    processes: list[int] = []
+    up = subprocess.run(
+        [*cli, "up", "--state-dir", str(state_dir), "--connections", "2"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "all checks passed" not in up.stdout  # that is the one-shot's line
+        assert "The lab is up" in up.stdout
+        kubeconfig = state_dir / "kubeconfig"
+        listing = subprocess.run(
+            ["kubectl", "--kubeconfig", str(kubeconfig), "get", "externalservices", "-A"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        assert "2/2" in listing, listing
+        status = subprocess.run(
+            [*cli, "status", "--state-dir", str(state_dir)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert "gateway" in status.stdout
+        assert "2/2" in status.stdout
+        record = state.read_record(state_dir)
+        assert record is not None
+        processes = [p["pid"] for p in state.read_processes(state_dir)]
+        assert processes
+        os.kill(record.pid, signal.SIGKILL)
+        wait_for(lambda: not state.is_ours(record.pid), 10, "the supervisor to die")
+        leftovers = sorted(netns.NETNS_DIR.glob(f"{record.prefix}-*"))
+        assert leftovers, "a crashed lab leaves its namespaces until `lab down`"
+    finally:
+        down = subprocess.run(
+            [*cli, "down", "--state-dir", str(state_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert record is not None
+    assert not sorted(netns.NETNS_DIR.glob(f"{record.prefix}-*"))
+    assert not [pid for pid in processes if state.is_ours(pid)]
+    assert not state_dir.exists()
+    assert not Path(record.workdir).exists()
