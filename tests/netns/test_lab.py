@@ -24,6 +24,7 @@ import pytest
 from k8s_ext_connector.lab import netns, state
 from k8s_ext_connector.lab.client import run_gets
 from k8s_ext_connector.lab.cluster import CONNECTOR_NAMESPACE, is_test_net
+from k8s_ext_connector.lab.kubelet import PodRuntime
 from k8s_ext_connector.lab.session import (
     Check,
     LabSession,
@@ -212,6 +213,45 @@ def test_the_gateway_restarting(session: LabSession) -> None:
     assert_table(session)
     session.node.restart_gateway()  # and a clean stop/start
     assert_table(session)
+
+
+def test_known_gap_a_reissued_key_needs_a_sidecar_restart(session: LabSession) -> None:
+    """Without the lab's restart (what a real kubelet does), deleting and re-applying the
+    ExternalService leaves the pods' sidecars on their old key: the operator issues new
+    client keys, the gateway refuses the old ones, and the operator truthfully reports
+    READY 0/2. When this test fails because the pods recover, the sidecar has learnt to
+    reload its key: remove the restart from lab/kubelet.py and turn this test around."""
+    kubelet = session.node
+    kubelet.restart_on_key_change = False
+    try:
+        session.delete(REF)
+        session.apply(seed_manifest())
+        pods = [r for r in kubelet.pods.values() if r.sidecar_spec is not None]
+        wait_for(
+            lambda: all("Permission denied" in _sidecar_log(r) for r in pods),
+            15,
+            "the gateway to refuse the sidecars' old keys",
+        )
+        wait_for(
+            lambda: es(session).get("status", {}).get("ready") == "0/2",
+            15,
+            "the operator to report the unready sidecars",
+        )
+        with pytest.raises(AssertionError, match="timed out"):
+            wait_for(
+                lambda: es(session).get("status", {}).get("ready") == "2/2",
+                5,
+                "the sidecars to recover on their own",
+            )
+    finally:
+        kubelet.restart_on_key_change = True
+    session.wait_ready(REF, 20)  # the lab's restart brings them back
+    assert_table(session)
+
+
+def _sidecar_log(runtime: PodRuntime) -> str:
+    process = runtime.sidecar.process
+    return process.output() if process is not None else ""
 
 
 def test_up_status_down_after_a_crash(tmp_path: Path) -> None:

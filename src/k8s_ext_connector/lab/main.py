@@ -77,6 +77,12 @@ def _bring_up_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "The seed's walkthrough on network namespaces with the real operator, webhook,"
+        " gateway and sidecars (the project's API emulator as API server; the lab plays the"
+        " kubelet). Without a subcommand: up, checks, down; exit 0 only if every check"
+        " passes."
+    )
     _common(parser, suppress=False)
     _bring_up_options(parser, suppress=False)
     commands = parser.add_subparsers(dest="lab_command", metavar="{up,status,down}")

@@ -25,7 +25,6 @@ from typing import Any
 from k8s_ext_connector.core.api import ServiceRef
 from k8s_ext_connector.core.config import GatewayConfig, SidecarConfig, SourceIPConfig, dump
 from k8s_ext_connector.core.planner import (
-    WARNING_REASONS,
     ClusterFacts,
     KeyMaterial,
     PlanOptions,
@@ -320,12 +319,9 @@ def _status(
         [name_conflicts[es.ref]] if es.ref in name_conflicts else []
     )
     # A missing host key only means the gateway is not assigned yet: GatewayAssigned says so.
-    # Ingress warnings leave egress working: the Ingress condition says so.
-    blocking = [
-        p
-        for p in found
-        if p.reason not in ("NoGatewayNode", "ClientKeyPending", *WARNING_REASONS)
-    ]
+    # Ingress warnings are not in ``found``: egress works without ingress, so they show in
+    # the Ingress condition only, never in Accepted or Ready.
+    blocking = [p for p in found if p.reason not in ("NoGatewayNode", "ClientKeyPending")]
     accepted = (
         _condition("Accepted", False, blocking[0].reason, "; ".join(blocking))
         if blocking
