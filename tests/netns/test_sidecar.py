@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from k8s_ext_connector.certs.ssh import generate_key_pair, write_private_key
 from k8s_ext_connector.lab.client import run_gets
 from k8s_ext_connector.lab.scenario import SERVICE1
 from k8s_ext_connector.lab.topology import EXTERNAL_SERVER_IP, SERVICE_IP, SOURCE_IPS, Lab
@@ -167,3 +168,26 @@ def test_sidecar_needs_only_net_admin_and_net_raw(seed_lab: SeedLab) -> None:
     assert first(lab, "other-pod") == SOURCE_IPS[0]
     assert process.stop(signal.SIGTERM) == 0
     assert egress_rules(lab, "other-pod") == []
+
+
+def test_reissued_key_is_picked_up_without_a_restart(seed_lab: SeedLab) -> None:
+    """The operator re-issues a client key when a source service comes back: the kubelet
+    swaps the mounted Secret file and the sidecar must follow it."""
+    lab = seed_lab.lab
+    pod = lab.pods["my-pod1"]
+    assert pod.sidecar is not None
+    assert pod.key_path is not None
+    fresh = generate_key_pair()
+    seed_lab.keys.clients[SERVICE1] = fresh
+    planned = seed_lab.replan(((8000, 8000),))
+    lab.write_gateway_config(planned.gateway)  # the old key is no longer authorised
+    Lab.wait_until(
+        lambda: first(lab, "my-pod1").startswith("error: "),
+        10,
+        lambda: "the gateway to drop the old key",
+    )
+    write_private_key(pod.key_path, fresh)  # as the kubelet updates the Secret volume
+    Lab.wait_until(
+        lambda: first(lab, "my-pod1") == SOURCE_IPS[0], 10, lambda: "the sidecar to use its new key"
+    )
+    assert pod.sidecar.alive()

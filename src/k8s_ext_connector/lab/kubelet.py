@@ -22,9 +22,9 @@ DaemonSet's pod. Every action is announced through ``say`` as the lab's, never t
   without endpoints, such as the connector Service, keep refusing (the Service CIDR is a
   local route in the gateway netns).
 
-Deviation, announced when it happens: the sidecar and the gateway read their SSH key
-only at start, so when the key Secret's content changes under a running container the
-lab restarts that container. A real kubelet would update the file and not restart it.
+The sidecar follows its key file (a re-issued key Secret is picked up without a restart),
+as on a real cluster. Deviation, announced when it happens: the gateway reads its host key
+only at start, so when that Secret changes the lab restarts the gateway.
 
 Files the lab writes into a namespace are checked first: an address outside TEST-NET is
 refused with an error instead of reaching a namespace.
@@ -231,7 +231,7 @@ class Kubelet:
         self.gateway = Container("gateway")
         self.errors: list[str] = []
         # The announced deviation (module docstring); False is what a real kubelet does.
-        self.restart_on_key_change = True
+        self.restart_on_key_change = False  # the sidecar follows its key file itself
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

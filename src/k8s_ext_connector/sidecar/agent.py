@@ -83,6 +83,9 @@ class SidecarAgent:
         self.config = config
         await self._pool.update(config.gateways())
 
+    async def replace_key(self, client_key: asyncssh.SSHKey) -> None:
+        await self._pool.replace_key(client_key)
+
     def readiness(self) -> tuple[bool, str]:
         if not self._rules_applied:
             return False, "rules not applied"

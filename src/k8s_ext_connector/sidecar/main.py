@@ -128,11 +128,20 @@ async def _serve(
             settings.config_path, load_sidecar_config, agent.apply, settings.reload_interval
         )
         watcher.install_sighup()
-        watching = asyncio.create_task(watcher.run())
+        # The key is a mounted Secret too: the operator re-issues it when a source service
+        # comes back, and the kubelet swaps the file under us.
+        key_watcher = ConfigWatcher(
+            settings.ssh_key_path,
+            lambda path: load_private_key(path, "--ssh-key"),
+            agent.replace_key,
+            settings.reload_interval,
+        )
+        watching = [asyncio.create_task(watcher.run()), asyncio.create_task(key_watcher.run())]
         try:
             await until_stopped()
         finally:
-            watching.cancel()
+            for task in watching:
+                task.cancel()
     finally:
         if health is not None:
             health.close()

@@ -109,6 +109,15 @@ class SessionPool:
         for gateway in [g for g in self._sessions if g not in gateways]:
             await self._sessions.pop(gateway).stop()
 
+    async def replace_key(self, client_key: asyncssh.SSHKey) -> None:
+        """A re-issued key (its Secret changed): new sessions authenticate with it."""
+        self._client_key = client_key
+        gateways = tuple(self._sessions)
+        for gateway in gateways:
+            await self._sessions.pop(gateway).stop()
+        await self.update(gateways)
+        log.info("client key changed: %d gateway sessions restarted", len(gateways))
+
     def down(self) -> list[str]:
         """Gateways without a live session, with the reason, for readiness."""
         return [
