@@ -194,11 +194,13 @@ class GatewayAgent:
         port_changed = config.ssh_port != self.config.ssh_port
         self.config = config
         wanted = {source.source_ip for source in config.sources}
-        if self._addresses is not None:
-            reconcile_addresses(self._addresses, wanted)
+        # Close sessions while their address still exists, so clients get a FIN at once
+        # instead of finding out from keepalives that the address went away.
         for source_ip in sorted(self._listeners):
             if source_ip not in wanted or port_changed:
                 await self._stop_listener(source_ip)
+        if self._addresses is not None:
+            reconcile_addresses(self._addresses, wanted)
         # Ingress before SSH: a port one of them gives up may be the one the other takes.
         await self.ingress.apply(config)
         await self._start_missing_listeners()

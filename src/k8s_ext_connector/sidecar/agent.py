@@ -137,5 +137,5 @@ class SidecarAgent:
                 CHANNEL_OPEN_TIMEOUT,
             )
         except (asyncssh.Error, OSError, TimeoutError) as error:
-            log.info("refusing connection to %s: %s", target, error)
+            log.info("refusing connection to %s: %s", target, str(error) or type(error).__name__)
             splice.close(rst=True)
