@@ -168,9 +168,10 @@ def test_the_node_holds_exactly_the_rendered_chain(ingress_lab: IngressLab) -> N
 
 
 def _download(size: int) -> dict[str, object]:
-    """A slow download from my-pod1 through 203.0.113.200 (~2.5 s), run from the server."""
+    """A slow download from my-pod1 through 203.0.113.200, run from the server: 64 KiB
+    every 50 ms (~6 s for 8 MiB), long enough to outlive reloads on a loaded machine."""
     result: dict[str, object] = {}
-    body = http_get(SOURCE_IPS[0], POD_HTTP_PORT, path=f"/bytes?n={size}&delay=0.02")
+    body = http_get(SOURCE_IPS[0], POD_HTTP_PORT, path=f"/bytes?n={size}&delay=0.05")
     result["length"] = len(body)
     result["digest"] = hashlib.sha256(body.encode()).hexdigest()
     return result
