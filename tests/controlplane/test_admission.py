@@ -15,7 +15,6 @@ import base64
 import datetime
 import json
 import ssl
-import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from aiohttp import web
 from k8s_ext_connector.certs.tls import Issued, issue_serving_cert, write_pair
 from k8s_ext_connector.emulator import ApiServer, admission
 from k8s_ext_connector.emulator.admission import webhook_admission
+from k8s_ext_connector.emulator.clients import run_kubectl
 from k8s_ext_connector.operator import rbac
 from k8s_ext_connector.operator.snapshot import SIDECAR_CONTAINER
 from k8s_ext_connector.webhook.inject import InjectionSettings
@@ -64,14 +64,7 @@ class Cluster:
     serving: Any = None
 
     def kubectl(self, *args: str, stdin: str | None = None) -> str:
-        result = subprocess.run(
-            ["kubectl", "--kubeconfig", str(self.kubeconfig), *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = run_kubectl(self.kubeconfig, args, stdin)
         assert result.returncode == 0, f"kubectl {' '.join(args)}: {result.stderr}"
         return result.stdout
 

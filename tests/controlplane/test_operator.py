@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from k8s_ext_connector.emulator import ApiServer
+from k8s_ext_connector.emulator.clients import run_kubectl
 from k8s_ext_connector.operator import rbac
 from tests.unit.samples import SEED_MANIFEST
 
@@ -40,14 +41,7 @@ class Cluster:
     operator: subprocess.Popen[bytes] | None = None
 
     def kubectl(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
-        result = subprocess.run(
-            ["kubectl", "--kubeconfig", str(self.kubeconfig), *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = run_kubectl(self.kubeconfig, args, stdin, self.workdir / "kube-cache")
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)}: {result.stderr}")
         return result.stdout

@@ -48,6 +48,7 @@ from k8s_ext_connector.certs.tls import (
 )
 from k8s_ext_connector.emulator import ApiError, ApiServer
 from k8s_ext_connector.emulator.admission import webhook_admission
+from k8s_ext_connector.emulator.clients import run_kubectl
 from k8s_ext_connector.emulator.resources import Registry
 from k8s_ext_connector.emulator.server import SYSTEM_NAMESPACES, AdmissionHook
 from k8s_ext_connector.emulator.store import Store
@@ -223,20 +224,8 @@ class ControlPlane:
 
     # ---- clients ------------------------------------------------------------------------
     def kubectl(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
-        result = subprocess.run(
-            [
-                self.kubectl_path,
-                "--kubeconfig",
-                str(self.kubeconfig),
-                "--cache-dir",
-                str(self.workdir / "kube-cache"),
-                *args,
-            ],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+        result = run_kubectl(
+            self.kubeconfig, args, stdin, self.workdir / "kube-cache", self.kubectl_path
         )
         if check and result.returncode != 0:
             raise LabError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
