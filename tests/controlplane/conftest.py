@@ -176,8 +176,7 @@ Kubectl = Callable[..., subprocess.CompletedProcess[str]]
 def kubectl(kubeconfig: Path, tmp_path: Path) -> Kubectl:
     """``kubectl(*args, input=None, check=True)`` with a per-test discovery cache."""
     binary = shutil.which("kubectl")
-    if binary is None:
-        pytest.skip("kubectl is not installed")
+    assert binary is not None, "kubectl is required (scripts/install.sh installs it)"
 
     def run(
         *args: str,

@@ -319,8 +319,11 @@ def test_cli_sync_once_and_in_a_loop(
         task = asyncio.create_task(
             certs_main.sync_forever(load_credentials(str(kubeconfig)), settings, 0.05, stop)
         )
-        while sum(r.verb == "get" and r.resource == "secrets" for r in api.requests[before:]) < 3:
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            while (
+                sum(r.verb == "get" and r.resource == "secrets" for r in api.requests[before:]) < 3
+            ):
+                await asyncio.sleep(0.01)
         stop.set()
         await asyncio.wait_for(task, timeout=5)
 

@@ -395,7 +395,12 @@ def test_no_gateway_then_label_a_node_then_failover(cluster: Cluster) -> None:
     c.wait(lambda: c.condition("Ready") == ("True", "TunnelsReady"), "Ready on gw2")
     assert {s["gatewayNode"] for s in c.es()["status"]["sources"]} == {"gw2"}
     c.node("gw1", ready=True)  # back: the IPs stay where they are (stability first)
-    time.sleep(0.5)
+
+    def gw1_eligible_again() -> bool:  # the operator has seen gw1 return: it has a config
+        cm = c.api.get_object("", "v1", "configmaps", "external-services", "ext-connector-gateway")
+        return cm is not None and "gw1.yaml" in cm.get("data", {})
+
+    c.wait(gw1_eligible_again, "the operator to see gw1 Ready again")
     assert {s["gatewayNode"] for s in c.es()["status"]["sources"]} == {"gw2"}
     c.kubectl("label", "node", "gw2", f"{GATEWAY_LABEL}-")  # gw2 loses the label: move
     c.wait(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -37,7 +36,6 @@ from k8s_ext_connector.lab.topology import SERVICE_CIDR, SOURCE_IPS
 
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed"),
 ]
 T = TypeVar("T")
 LOG: list[str] = []  # the lab's progress lines, shown when a wait fails

@@ -75,8 +75,9 @@ def config(port: int, backend: Endpoint, peers: tuple[str, ...] = (TARGET_IP,)) 
     return GatewayConfig(sources=(SourceIPConfig(SOURCE_IP, (), rules),), ssh_port=free_port())
 
 
-async def connect(port: int, bind: str = TARGET_IP) -> tuple[asyncio.StreamReader,
-                                                              asyncio.StreamWriter]:
+async def connect(
+    port: int, bind: str = TARGET_IP
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return await asyncio.open_connection(SOURCE_IP, port, local_addr=(bind, 0))
 
 
@@ -105,7 +106,8 @@ def test_ingress_listeners_group_peers_per_source_ip_and_port() -> None:
 
 
 def test_allowed_peer_reaches_the_backend_both_ways_with_half_close(
-        run: Callable[[Awaitable[None]], None]) -> None:
+    run: Callable[[Awaitable[None]], None],
+) -> None:
     async def body() -> None:
         backend = Backend()
         port = free_port()
@@ -122,7 +124,8 @@ def test_allowed_peer_reaches_the_backend_both_ways_with_half_close(
 
 
 def test_any_other_peer_is_reset_and_the_backend_never_dialled(
-        run: Callable[[Awaitable[None]], None]) -> None:
+    run: Callable[[Awaitable[None]], None],
+) -> None:
     async def body() -> None:
         backend = Backend()
         port = free_port()
@@ -151,7 +154,8 @@ def test_unreachable_backend_resets_at_once(run: Callable[[Awaitable[None]], Non
 
 
 def test_large_transfer_is_intact_under_back_pressure(
-        run: Callable[[Awaitable[None]], None]) -> None:
+    run: Callable[[Awaitable[None]], None],
+) -> None:
     size = 32 << 20
 
     async def body() -> None:
@@ -163,18 +167,25 @@ def test_large_transfer_is_intact_under_back_pressure(
 
         async def send() -> None:
             for offset in range(0, size, 1 << 20):
-                writer.write(payload[offset:offset + (1 << 20)])
+                writer.write(payload[offset : offset + (1 << 20)])
                 await writer.drain()
             writer.write_eof()
 
         sending = asyncio.create_task(send())
         received = hashlib.sha256()
         total = 0
-        await asyncio.sleep(0.5)  # we do not read yet: the relay must pause, not buffer it all
+        # We do not read yet: back-pressure must reach our own writer (the relay pauses
+        # instead of buffering it all).
+        async with asyncio.timeout(10):
+            while writer.transport.get_write_buffer_size() == 0:
+                await asyncio.sleep(0.01)
         assert not sending.done()
-        buffered = sum(half.transport.get_write_buffer_size()
-                       for splice in relay._splices for half in (splice.accepted, splice.opened)
-                       if half.transport is not None)
+        buffered = sum(
+            half.transport.get_write_buffer_size()
+            for splice in relay._splices
+            for half in (splice.accepted, splice.opened)
+            if half.transport is not None
+        )
         assert buffered < 1 << 20
         while chunk := await reader.read(1 << 20):
             received.update(chunk)
@@ -189,7 +200,8 @@ def test_large_transfer_is_intact_under_back_pressure(
 
 
 def test_reload_stops_new_connections_of_removed_entries_and_lets_established_finish(
-        run: Callable[[Awaitable[None]], None]) -> None:
+    run: Callable[[Awaitable[None]], None],
+) -> None:
     async def body() -> None:
         backend = Backend()
         port = free_port()
@@ -216,7 +228,8 @@ def test_reload_stops_new_connections_of_removed_entries_and_lets_established_fi
 
 
 def test_reload_changes_peers_for_new_connections_only(
-        run: Callable[[Awaitable[None]], None]) -> None:
+    run: Callable[[Awaitable[None]], None],
+) -> None:
     async def body() -> None:
         backend = Backend()
         port = free_port()
@@ -263,7 +276,8 @@ class FailingIptables(FakeIptables):
 
 
 def test_agent_applies_the_chain_follows_reloads_and_removes_it_at_stop(
-        run: Callable[[Awaitable[None]], None]) -> None:
+    run: Callable[[Awaitable[None]], None],
+) -> None:
     fake = FakeIptables()
     fake.add("filter", "EXTCONN-INGRESS-OLD", "-j RETURN")  # a leftover of an older version
 
@@ -272,8 +286,9 @@ def test_agent_applies_the_chain_follows_reloads_and_removes_it_at_stop(
         port = free_port()
         address = await backend.start()
         first = config(port, address)
-        agent = GatewayAgent(first, asyncssh.generate_private_key("ssh-ed25519"),
-                             firewalls={"ipv4": fake})
+        agent = GatewayAgent(
+            first, asyncssh.generate_private_key("ssh-ed25519"), firewalls={"ipv4": fake}
+        )
         await agent.start()
         chain = fake.tables["filter"][INGRESS_CHAIN]
         assert [spec.split(" -m comment")[0] for spec in chain] == [
@@ -296,7 +311,8 @@ def test_agent_applies_the_chain_follows_reloads_and_removes_it_at_stop(
 
 
 def test_agent_keeps_the_running_config_when_the_chain_cannot_be_applied(
-        run: Callable[[Awaitable[None]], None]) -> None:
+    run: Callable[[Awaitable[None]], None],
+) -> None:
     failing = FailingIptables()
 
     async def body() -> None:
@@ -308,8 +324,9 @@ def test_agent_keeps_the_running_config_when_the_chain_cannot_be_applied(
         await agent.start()
         agent._firewalls = {"ipv4": failing}  # the node's iptables breaks after start
         with pytest.raises(IptablesError):
-            await agent.apply(GatewayConfig(sources=(SourceIPConfig(SOURCE_IP),),
-                                            ssh_port=first.ssh_port))
+            await agent.apply(
+                GatewayConfig(sources=(SourceIPConfig(SOURCE_IP),), ssh_port=first.ssh_port)
+            )
         assert agent.config == first
         assert await exchange(port) == b"hellobye"
         agent._firewalls = {}
