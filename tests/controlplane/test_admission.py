@@ -35,6 +35,7 @@ from k8s_ext_connector.operator.snapshot import SIDECAR_CONTAINER
 from k8s_ext_connector.webhook.inject import InjectionSettings
 from k8s_ext_connector.webhook.main import WebhookCommand, serve
 from k8s_ext_connector.webhook.server import WebhookServer
+from tests.polling import wait_for
 from tests.unit.samples import SEED_MANIFEST
 from tests.webhook.harness import (
     NAMESPACE,
@@ -43,7 +44,6 @@ from tests.webhook.harness import (
     https,
     loop_thread,
     new_ca,
-    wait_for,
     write_serving_pair,
 )
 

@@ -33,9 +33,9 @@ from tests.controlplane.conftest import (
     Http,
     Kubectl,
     cm,
-    wait_for,
     widget,
 )
+from tests.polling import wait_for
 
 Obj = dict[str, Any]
 

@@ -17,7 +17,8 @@ import kopf
 import pytest
 
 from k8s_ext_connector.emulator import ApiServer
-from tests.controlplane.conftest import CRDS, MERGE, WIDGET_CRD, WIDGETS, Http, wait_for, widget
+from tests.controlplane.conftest import CRDS, MERGE, WIDGET_CRD, WIDGETS, Http, widget
+from tests.polling import wait_for
 
 Obj = dict[str, Any]
 

@@ -21,6 +21,7 @@ from k8s_ext_connector.webhook.inject import (
     inject,
 )
 from k8s_ext_connector.webhook.server import ServingCertificate
+from tests.polling import wait_for
 from tests.webhook.conftest import MY_SERVICE, Webhook, start_webhook
 from tests.webhook.harness import (
     Connection,
@@ -30,7 +31,6 @@ from tests.webhook.harness import (
     https,
     new_ca,
     review,
-    wait_for,
     write_serving_pair,
 )
 
