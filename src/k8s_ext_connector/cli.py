@@ -45,7 +45,10 @@ def _wait_ready(args: argparse.Namespace) -> int:
 def _rbac(args: argparse.Namespace) -> int:
     from k8s_ext_connector.operator import rbac
 
-    print(rbac.render(args.component), end="")
+    if args.component == "rules":
+        print(rbac.render_chart_rules(), end="")
+    else:
+        print(rbac.render(args.component), end="")
     return 0
 
 
@@ -93,8 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     wait_ready.add_argument("--timeout", type=float, default=300)
     wait_ready.set_defaults(handler=_wait_ready)
 
-    rbac = commands.add_parser("rbac", help="print the RBAC a component needs (YAML)")
-    rbac.add_argument("component", choices=["operator", "webhook", "certs"])
+    rbac = commands.add_parser(
+        "rbac", help="print the RBAC a component needs (YAML); 'rules': the chart's rules file"
+    )
+    rbac.add_argument("component", choices=["operator", "webhook", "certs", "gateway", "rules"])
     rbac.set_defaults(handler=_rbac)
 
     keygen = commands.add_parser("keygen", help="write an Ed25519 SSH key pair (FILE, FILE.pub)")

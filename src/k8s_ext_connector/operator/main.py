@@ -10,6 +10,7 @@ import socket
 from dataclasses import dataclass
 
 from k8s_ext_connector.core.errors import ConfigError
+from k8s_ext_connector.core.health import serve_health
 from k8s_ext_connector.core.kube import KubeClient, load_credentials
 from k8s_ext_connector.core.run import add_log_level, run_agent, setup_logging
 from k8s_ext_connector.operator.desired import OperatorSettings
@@ -25,6 +26,9 @@ class OperatorCommand:
     leader_election: bool
     identity: str
     log_level: str
+    lease_namespace: str = ""  # empty: the connector namespace
+    health_host: str = "0.0.0.0"
+    health_port: int = 0  # 0: no /healthz endpoint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +50,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run without a Lease (a single replica only)",
     )
     parser.add_argument("--identity", default=os.environ.get("POD_NAME") or socket.gethostname())
+    parser.add_argument(
+        "--lease-namespace",
+        default=os.environ.get("POD_NAMESPACE", ""),
+        help="namespace of the leader-election Lease (default: $POD_NAMESPACE, else the "
+        "connector namespace)",
+    )
+    parser.add_argument(
+        "--health-host", default="0.0.0.0", help="address of the /healthz endpoint"
+    )
+    parser.add_argument(
+        "--health-port",
+        type=int,
+        default=0,
+        help="port of /healthz and /ready for kubelet probes, on leader and standby (0: off)",
+    )
     add_log_level(parser)
 
 
@@ -55,6 +74,8 @@ def command_from(args: argparse.Namespace) -> OperatorCommand:
         raise ConfigError("--gateway-label", args.gateway_label, "must be KEY=VALUE")
     if not 1 <= args.ssh_port <= 65535:
         raise ConfigError("--ssh-port", args.ssh_port, "must be a TCP port number 1-65535")
+    if not 0 <= args.health_port <= 65535:
+        raise ConfigError("--health-port", args.health_port, "must be 0 (off) or a port 1-65535")
     return OperatorCommand(
         settings=OperatorSettings(
             connector_namespace=args.connector_namespace,
@@ -65,6 +86,9 @@ def command_from(args: argparse.Namespace) -> OperatorCommand:
         leader_election=not args.no_leader_election,
         identity=args.identity,
         log_level=args.log_level,
+        lease_namespace=args.lease_namespace,
+        health_host=args.health_host,
+        health_port=args.health_port,
     )
 
 
@@ -86,8 +110,14 @@ async def serve(command: OperatorCommand, stop: asyncio.Event | None = None) -> 
     registry = kopf.OperatorRegistry()
     stop = stop or asyncio.Event()
     register(registry, command.settings, credentials, on_stop=stop.set)
+    health = (
+        await serve_health(command.health_host, command.health_port, lambda: (True, "ok"))
+        if command.health_port
+        else None
+    )
     async with KubeClient(credentials) as client:
-        elector = LeaderElector(client, command.settings.connector_namespace, command.identity)
+        lease_namespace = command.lease_namespace or command.settings.connector_namespace
+        elector = LeaderElector(client, lease_namespace, command.identity)
         if command.leader_election:
             await elector.acquire()
         running = asyncio.create_task(
@@ -106,3 +136,5 @@ async def serve(command: OperatorCommand, stop: asyncio.Event | None = None) -> 
         await running
         for task in watchers:
             task.cancel()
+    if health is not None:
+        health.close()
