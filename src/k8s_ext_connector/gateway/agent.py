@@ -9,7 +9,9 @@ no shell, no exec, no remote forwarding: the server is not an open proxy.
 
 Reload applies a new config as a diff: listeners for new source IPs start, removed ones
 stop; connections whose key lost its authorisation and channels whose target is no
-longer allowed are closed; everything still allowed keeps flowing.
+longer allowed are closed; everything still allowed keeps flowing. A new host key
+(``replace_host_key``) is handed to the running listeners: connections accepted from then
+on present it, established ones keep the key they were accepted with.
 
 Ingress (``gateway/ingress.py``) runs in the same agent: the relay listeners and the
 filter chain that backs their peer check (``gateway/rules.py``) follow the same config.
@@ -188,6 +190,27 @@ class GatewayAgent:
     async def start(self) -> None:
         await self.apply(self.config)
         self._retry = asyncio.create_task(self._retry_listeners())
+
+    async def replace_host_key(self, host_key: asyncssh.SSHKey) -> None:
+        """New connections get ``host_key``; established ones are not touched."""
+        self._host_key = host_key
+        for listener in self._listeners.values():
+            # asyncssh applies updated options to connections accepted after the call
+            # only, and without closing the listening socket: no connection is refused.
+            listener.update(server_host_keys=[host_key])
+        log.info("host key now %s for new connections", host_key.get_fingerprint())
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready when every SSH listener and every ingress relay listener is up."""
+        problems = [
+            f"not listening on {source.source_ip}:{self.config.ssh_port}"
+            for source in self.config.sources
+            if source.source_ip not in self._listeners
+        ]
+        missing = self.ingress.missing()
+        if missing:
+            problems.append(f"{missing} ingress listener(s) not up")
+        return (not problems), ("; ".join(problems) or "ready")
 
     async def apply(self, config: GatewayConfig) -> None:
         self._apply_rules(config)  # first: if it fails, nothing else has changed

@@ -1,0 +1,159 @@
+{{/* Name prefix of every object (one release per cluster). */}}
+{{- define "extconn.fullname" -}}
+{{- default "k8s-ext-connector" .Values.fullnameOverride | trunc 42 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "extconn.connectorNamespace" -}}
+{{- .Values.connectorNamespace.name -}}
+{{- end -}}
+
+{{- define "extconn.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag | toString) -}}
+{{- end -}}
+
+{{- define "extconn.sidecarImage" -}}
+{{- $repository := default .Values.image.repository .Values.sidecar.image.repository -}}
+{{- $tag := default (default .Chart.AppVersion .Values.image.tag) .Values.sidecar.image.tag | toString -}}
+{{- printf "%s:%s" $repository $tag -}}
+{{- end -}}
+
+{{/*
+Selector labels of one component. app.kubernetes.io/name is fixed: the webhook's
+objectSelector keeps the connector's own pods out of injection by it.
+Call with (dict "root" $ "component" "operator").
+*/}}
+{{- define "extconn.selectorLabels" -}}
+app.kubernetes.io/name: k8s-ext-connector
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "extconn.labels" -}}
+{{ include "extconn.selectorLabels" . }}
+app.kubernetes.io/part-of: k8s-ext-connector
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
+{{- end -}}
+
+{{/* KEY=VALUE into a one-entry map, as YAML. */}}
+{{- define "extconn.labelSelector" -}}
+{{- $parts := splitn "=" 2 . -}}
+{{ $parts._0 }}: {{ $parts._1 | quote }}
+{{- end -}}
+
+{{/* Pod and container security for components that need no privileges at all. */}}
+{{- define "extconn.restrictedPodSecurity" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+fsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "extconn.restrictedContainerSecurity" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+privileged: false
+capabilities:
+  drop: ["ALL"]
+{{- end -}}
+
+{{/* Preferred spreading of a component's replicas over nodes, unless affinity is given. */}}
+{{- define "extconn.affinity" -}}
+{{- if .values.affinity -}}
+{{ toYaml .values.affinity }}
+{{- else -}}
+podAntiAffinity:
+  preferredDuringSchedulingIgnoredDuringExecution:
+    - weight: 100
+      podAffinityTerm:
+        topologyKey: kubernetes.io/hostname
+        labelSelector:
+          matchLabels:
+            {{- include "extconn.selectorLabels" (dict "root" .root "component" .component) | nindent 12 }}
+{{- end -}}
+{{- end -}}
+
+{{- define "extconn.podEnv" -}}
+- name: POD_NAME
+  valueFrom: {fieldRef: {fieldPath: metadata.name}}
+- name: POD_NAMESPACE
+  valueFrom: {fieldRef: {fieldPath: metadata.namespace}}
+{{- end -}}
+
+{{- define "extconn.imagePullSecrets" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end -}}
+{{- end -}}
+
+{{- define "extconn.tlsSecret" -}}
+{{- printf "%s-webhook-tls" (include "extconn.fullname" .) -}}
+{{- end -}}
+
+{{/*
+A component's ServiceAccount, ClusterRole and Role with their bindings, rendered from
+files/rbac-rules.yaml, which `k8s-ext-connector rbac rules` writes from operator/rbac.py
+(the one list of what each component calls; tests keep the three equal).
+Call with (dict "root" $ "component" "operator").
+*/}}
+{{- define "extconn.rbac" -}}
+{{- $root := .root -}}
+{{- $component := .component -}}
+{{- $spec := index ($root.Files.Get "files/rbac-rules.yaml" | fromYaml) $component -}}
+{{- $name := printf "%s-%s" (include "extconn.fullname" $root) $component -}}
+{{- $saNamespace := ternary (include "extconn.connectorNamespace" $root) $root.Release.Namespace (eq $component "gateway") -}}
+{{- $roleNamespace := ternary (include "extconn.connectorNamespace" $root) $root.Release.Namespace (eq $spec.roleNamespace "connector") -}}
+{{- $labels := include "extconn.labels" (dict "root" $root "component" $component) -}}
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: {{ $name }}
+  namespace: {{ $saNamespace }}
+  labels:
+    {{- $labels | nindent 4 }}
+automountServiceAccountToken: true
+{{- range $kind := list "Cluster" "" }}
+{{- $rules := ternary $spec.clusterRules $spec.namespaceRules (eq $kind "Cluster") }}
+{{- if $rules }}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: {{ $kind }}Role
+metadata:
+  name: {{ $name }}
+  {{- if not $kind }}
+  namespace: {{ $roleNamespace }}
+  {{- end }}
+  labels:
+    {{- $labels | nindent 4 }}
+rules:
+  {{- range $rules }}
+  # {{ .why }}
+  - apiGroups: {{ toJson .apiGroups }}
+    resources: {{ toJson .resources }}
+    verbs: {{ toJson .verbs }}
+  {{- end }}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: {{ $kind }}RoleBinding
+metadata:
+  name: {{ $name }}
+  {{- if not $kind }}
+  namespace: {{ $roleNamespace }}
+  {{- end }}
+  labels:
+    {{- $labels | nindent 4 }}
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: {{ $kind }}Role
+  name: {{ $name }}
+subjects:
+  - kind: ServiceAccount
+    name: {{ $name }}
+    namespace: {{ $saNamespace }}
+{{- end }}
+{{- end }}
+{{- end -}}

@@ -1,0 +1,403 @@
+"""The Helm chart: lint, every switch renders manifests that pass strict validation against
+the Kubernetes version the chart declares, RBAC equal to what the code calls, a values
+schema that rejects typos, and the security properties each component is promised."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from k8s_ext_connector.operator import rbac
+from k8s_ext_connector.operator.desired import GATEWAY_CONFIGMAP, host_key_secret_name
+from tests.chart.helm import CHART, RELEASE_NAMESPACE, helm, minimum_kube_version, render
+
+CONNECTOR_NAMESPACE = "external-services"
+
+# Every switch in values.yaml flipped, alone (names are test ids).
+SWITCHES: dict[str, dict[str, str]] = {
+    "defaults": {},
+    "cert-manager": {"certManager.enabled": "true"},
+    "service-monitor": {
+        "metrics.serviceMonitor.enabled": "true",
+        "metrics.serviceMonitor.labels.release": "prometheus",
+    },
+    "no-pod-annotations": {"metrics.podAnnotations": "false"},
+    "no-network-policy": {"webhook.networkPolicy.enabled": "false"},
+    "network-policy-from": {
+        "webhook.networkPolicy.from": '[{"ipBlock": {"cidr": "198.51.100.0/24"}}]'
+    },
+    "no-pdbs": {
+        "operator.podDisruptionBudget.enabled": "false",
+        "webhook.podDisruptionBudget.enabled": "false",
+    },
+    "single-operator": {"operator.replicas": "1", "operator.leaderElection": "false"},
+    "single-webhook": {"webhook.replicas": "1"},
+    "existing-connector-namespace": {
+        "connectorNamespace.create": "false",
+        "connectorNamespace.name": "egress",
+    },
+    "no-native-sidecar": {"sidecar.nativeSidecar": "false"},
+    "manage-addresses": {"gateway.manageAddresses.interface": "eth1"},
+    "fail-closed-webhook": {"webhook.failurePolicy": "Fail"},
+    "pull-secrets-priority": {
+        "imagePullSecrets": '[{"name": "registry"}]',
+        "gateway.priorityClassName": "system-node-critical",
+    },
+    "scheduling": {
+        "operator.nodeSelector.pool": "system",
+        "webhook.tolerations": '[{"key": "dedicated", "operator": "Exists"}]',
+        "webhook.affinity": '{"nodeAffinity": {}}',
+    },
+    "custom-labels": {
+        "gatewayNodeLabel": "example.com/egress=yes",
+        "webhook.namespaceLabel": "example.com/inject=on",
+    },
+}
+CUSTOM_KINDS = {("cert-manager.io/v1", "Issuer"), ("cert-manager.io/v1", "Certificate"),
+                ("monitoring.coreos.com/v1", "ServiceMonitor")}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def default_render() -> list[dict[str, Any]]:
+    return render()
+
+
+def by_kind(documents: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in documents if d["kind"] == kind]
+
+
+def one(documents: list[dict[str, Any]], kind: str, component: str) -> dict[str, Any]:
+    found = [d for d in by_kind(documents, kind) if component_of(d) == component]
+    assert len(found) == 1, (kind, component, len(found))
+    return found[0]
+
+
+def component_of(document: dict[str, Any]) -> str:
+    return str(document["metadata"].get("labels", {}).get("app.kubernetes.io/component", ""))
+
+
+def pod_specs(documents: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for d in documents:
+        if d["kind"] in ("Deployment", "DaemonSet"):
+            yield component_of(d), d["spec"]["template"]["spec"]
+
+
+def test_helm_lint_strict() -> None:
+    result = helm("lint", "--strict", str(CHART))
+    assert "0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize("values", SWITCHES.values(), ids=SWITCHES.keys())
+def test_every_render_passes_strict_validation(values: dict[str, str]) -> None:
+    """Built-in kinds against the lowest Kubernetes the chart admits and 1.32 (strict: an
+    unknown field fails); cert-manager and Prometheus Operator kinds have no schema in
+    kubernetes-validate, so they are checked for their identifying fields only."""
+    oldest = minimum_kube_version()
+    documents = render(values, kube_version=oldest)
+    assert documents
+    for document in documents:
+        if (document["apiVersion"], document["kind"]) in CUSTOM_KINDS:
+            assert document["metadata"]["name"], document
+            assert document["spec"], document
+            continue
+        for version in (oldest, "1.32.0"):
+            kubernetes_validate.validate(document, version, strict=True)
+
+
+def test_chart_refuses_clusters_older_than_it_declares() -> None:
+    result = helm("template", "x", str(CHART), "--kube-version", "1.28.0", check=False)
+    assert result.returncode != 0
+    assert "kubeVersion" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"operater.replicas": "3"}, "operater"),
+        ({"webhook.replica": "3"}, "replica"),
+        ({"gateway.sshport": "22"}, "sshport"),
+        ({"webhook.failurePolicy": "Maybe"}, "failurePolicy"),
+        ({"gateway.sshPort": "70000"}, "sshPort"),
+        ({"gatewayNodeLabel": "no-value"}, "gatewayNodeLabel"),
+        ({"operator.logLevel": "verbose"}, "logLevel"),
+        ({"image.pullPolicy": "Sometimes"}, "pullPolicy"),
+    ],
+)
+def test_values_schema_rejects_typos_and_bad_values(values: dict[str, str], named: str) -> None:
+    args = ["template", "x", str(CHART)]
+    for key, value in values.items():
+        args += ["--set", f"{key}={value}"]
+    result = helm(*args, check=False)
+    assert result.returncode != 0, values
+    assert named in result.stderr, result.stderr
+
+
+def test_two_operators_without_leader_election_are_refused() -> None:
+    result = helm(
+        "template", "x", str(CHART), "--set", "operator.leaderElection=false", check=False
+    )
+    assert result.returncode != 0
+    assert "leaderElection" in result.stderr
+
+
+def test_every_values_key_has_a_comment() -> None:
+    """Kubernetes' own keys under ``resources`` are explained by their parent's comment."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    previous, parents, missing = "", [], []
+    for number, line in enumerate(lines, 1):
+        match = re.match(r"^( *)([A-Za-z][A-Za-z0-9]*):", line)
+        if match:
+            depth = len(match.group(1))
+            parents = [p for p in parents if p[0] < depth] + [(depth, match.group(2))]
+            under_resources = any(name == "resources" for _, name in parents[:-1])
+            if not previous.lstrip().startswith("#") and not under_resources:
+                missing.append(f"{number}: {line.strip()}")
+        if line.strip():
+            previous = line
+    assert missing == []
+
+
+def test_the_crd_is_the_one_in_crds(default_render: list[dict[str, Any]]) -> None:
+    (crd,) = by_kind(default_render, "CustomResourceDefinition")
+    path = CHART / "crds" / "externalservices.submariner.io.yaml"
+    assert crd == yaml.safe_load(path.read_text())
+
+
+# RBAC: the chart's Roles are what operator/rbac.py says each component calls.
+
+
+def _rules(document: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for rule in document["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def _expected(rules: tuple[rbac.Rule, ...]) -> set[tuple[str, str, str]]:
+    return {(r.group, r.resource, verb) for r in rules for verb in r.verbs}
+
+
+@pytest.mark.parametrize("component", sorted(rbac.COMPONENTS))
+def test_rendered_rbac_equals_the_code(
+    default_render: list[dict[str, Any]], component: str
+) -> None:
+    spec = rbac.COMPONENTS[component]
+    namespace = RELEASE_NAMESPACE if spec.role_namespace == "release" else CONNECTOR_NAMESPACE
+    for kind, expected in (("ClusterRole", spec.cluster_rules), ("Role", spec.namespace_rules)):
+        found = [d for d in by_kind(default_render, kind) if component_of(d) == component]
+        if not expected:
+            assert found == []
+            continue
+        (role,) = found
+        assert _rules(role) == _expected(expected)
+        if kind == "Role":
+            assert role["metadata"]["namespace"] == namespace
+        (binding,) = [
+            d for d in by_kind(default_render, f"{kind}Binding") if component_of(d) == component
+        ]
+        assert binding["roleRef"]["name"] == role["metadata"]["name"]
+        (subject,) = binding["subjects"]
+        account = one(default_render, "ServiceAccount", component)
+        assert (subject["name"], subject["namespace"]) == (
+            account["metadata"]["name"],
+            account["metadata"]["namespace"],
+        )
+
+
+def test_no_other_rbac_in_the_chart(default_render: list[dict[str, Any]]) -> None:
+    roles = by_kind(default_render, "ClusterRole") + by_kind(default_render, "Role")
+    assert sorted(component_of(r) for r in roles) == sorted(
+        [c for c, s in rbac.COMPONENTS.items() if s.cluster_rules]
+        + [c for c, s in rbac.COMPONENTS.items() if s.namespace_rules]
+    )
+
+
+def test_each_workload_runs_as_its_own_service_account(
+    default_render: list[dict[str, Any]],
+) -> None:
+    accounts = {component_of(a): a["metadata"] for a in by_kind(default_render, "ServiceAccount")}
+    workloads = by_kind(default_render, "Deployment") + by_kind(default_render, "DaemonSet")
+    assert sorted(component_of(w) for w in workloads) == sorted(rbac.COMPONENTS)
+    for workload in workloads:
+        account = accounts[component_of(workload)]
+        assert workload["spec"]["template"]["spec"]["serviceAccountName"] == account["name"]
+        assert workload["metadata"]["namespace"] == account["namespace"]
+
+
+def test_cert_manager_replaces_the_certs_component() -> None:
+    documents = render({"certManager.enabled": "true"})
+    for kind in ("Deployment", "ServiceAccount", "ClusterRole", "Role"):
+        assert not [d for d in by_kind(documents, kind) if component_of(d) == "certs"], kind
+    webhook = one(documents, "MutatingWebhookConfiguration", "webhook")
+    (certificate,) = [d for d in by_kind(documents, "Certificate") if not d["spec"].get("isCA")]
+    assert webhook["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == (
+        f"{RELEASE_NAMESPACE}/{certificate['metadata']['name']}"
+    )
+    tls = next(
+        v["secret"]["secretName"]
+        for _, spec in pod_specs(documents)
+        for v in spec.get("volumes", [])
+        if v["name"] == "tls"
+    )
+    assert certificate["spec"]["secretName"] == tls
+
+
+# What each component is promised in docs/security.md.
+
+
+def test_only_the_gateway_runs_as_root_and_only_with_its_capabilities(
+    default_render: list[dict[str, Any]],
+) -> None:
+    for component, spec in pod_specs(default_render):
+        for container in spec["containers"] + spec.get("initContainers", []):
+            security = container["securityContext"]
+            assert security["allowPrivilegeEscalation"] is False, component
+            assert security["readOnlyRootFilesystem"] is True, component
+            assert security["capabilities"]["drop"] == ["ALL"], component
+            assert not security.get("privileged"), component
+            if component == "gateway":
+                assert security["runAsUser"] == 0
+                assert security["capabilities"]["add"] == [
+                    "NET_ADMIN",
+                    "NET_RAW",
+                    "NET_BIND_SERVICE",
+                ]
+            else:
+                assert "add" not in security["capabilities"], component
+                assert spec["securityContext"]["runAsNonRoot"] is True, component
+        assert spec.get("hostNetwork", False) is (component == "gateway"), component
+
+
+def test_webhook_mounts_only_the_serving_pair(default_render: list[dict[str, Any]]) -> None:
+    (spec,) = [s for c, s in pod_specs(default_render) if c == "webhook"]
+    (tls,) = [v for v in spec["volumes"] if v["name"] == "tls"]
+    assert [item["key"] for item in tls["secret"]["items"]] == ["tls.crt", "tls.key"]
+
+
+def test_gateway_reads_its_own_node_config_and_key(default_render: list[dict[str, Any]]) -> None:
+    daemonset = one(default_render, "DaemonSet", "gateway")
+    assert daemonset["metadata"]["namespace"] == CONNECTOR_NAMESPACE
+    spec = daemonset["spec"]["template"]["spec"]
+    assert spec["nodeSelector"] == {"ext-connector.submariner.io/gateway": "true"}
+    (container,) = spec["containers"]
+    args = container["args"]
+    assert f"--host-key-secret={host_key_secret_name('$(NODE_NAME)')}" in args
+    assert f"--namespace={CONNECTOR_NAMESPACE}" in args
+    assert "--config=/etc/k8s-ext-connector/gateway/$(NODE_NAME).yaml" in args
+    (config,) = [v for v in spec["volumes"] if v["name"] == "config"]
+    assert config["configMap"] == {"name": GATEWAY_CONFIGMAP, "optional": True}
+    assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in (
+        container["env"]
+    )
+
+
+def test_operator_and_gateway_agree_on_label_port_and_namespace() -> None:
+    documents = render(
+        {
+            "gatewayNodeLabel": "example.com/egress=yes",
+            "gateway.sshPort": "2200",
+            "connectorNamespace.name": "egress",
+        }
+    )
+    (operator,) = [s for c, s in pod_specs(documents) if c == "operator"]
+    args = operator["containers"][0]["args"]
+    assert "--gateway-label=example.com/egress=yes" in args
+    assert "--ssh-port=2200" in args
+    assert "--connector-namespace=egress" in args
+    daemonset = one(documents, "DaemonSet", "gateway")
+    assert daemonset["metadata"]["namespace"] == "egress"
+    assert daemonset["spec"]["template"]["spec"]["nodeSelector"] == {"example.com/egress": "yes"}
+    ports = daemonset["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert {"name": "ssh", "containerPort": 2200, "protocol": "TCP"} in ports
+
+
+def test_the_chart_keeps_no_secret_in_the_connector_namespace() -> None:
+    """The gateways may GET Secrets there (their host keys): nothing else secret goes there."""
+    for values in SWITCHES.values():
+        documents = render(values)
+        namespace = next(
+            (d["metadata"]["name"] for d in by_kind(documents, "Namespace")),
+            values.get("connectorNamespace.name", CONNECTOR_NAMESPACE),
+        )
+        assert not [
+            d
+            for d in documents
+            if d["kind"] in ("Secret", "Certificate")
+            and d["metadata"].get("namespace") == namespace
+        ]
+
+
+def test_image_references_are_overridable() -> None:
+    documents = render(
+        {
+            "image.repository": "registry.example/extconn",
+            "image.tag": "dev",
+            "image.pullPolicy": "Never",
+        }
+    )
+    for _, spec in pod_specs(documents):
+        for container in spec["containers"]:
+            assert container["image"] == "registry.example/extconn:dev"
+            assert container["imagePullPolicy"] == "Never"
+    (webhook,) = [s for c, s in pod_specs(documents) if c == "webhook"]
+    args = webhook["containers"][0]["args"]
+    assert "--image=registry.example/extconn:dev" in args
+    assert "--image-pull-policy=Never" in args
+    sidecar = render({"sidecar.image.repository": "other/sidecar", "sidecar.image.tag": "1"})
+    (webhook,) = [s for c, s in pod_specs(sidecar) if c == "webhook"]
+    assert "--image=other/sidecar:1" in webhook["containers"][0]["args"]
+
+
+def test_default_image_tag_is_the_app_version(default_render: list[dict[str, Any]]) -> None:
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    images = {c["image"] for _, s in pod_specs(default_render) for c in s["containers"]}
+    assert images == {f"ghcr.io/k8s-ext-connector/k8s-ext-connector:{app_version}"}
+
+
+def test_standard_labels_everywhere(default_render: list[dict[str, Any]]) -> None:
+    for document in default_render:
+        if document["kind"] == "CustomResourceDefinition":
+            continue
+        labels = document["metadata"]["labels"]
+        for key in ("name", "instance", "component", "version", "managed-by", "part-of"):
+            assert f"app.kubernetes.io/{key}" in labels, (document["kind"], key)
+
+
+def test_webhook_configuration_follows_values() -> None:
+    documents = render(
+        {"webhook.failurePolicy": "Fail", "webhook.namespaceLabel": "example.com/inject=on"}
+    )
+    (hook,) = one(documents, "MutatingWebhookConfiguration", "webhook")["webhooks"]
+    assert hook["failurePolicy"] == "Fail"
+    assert hook["namespaceSelector"] == {"matchLabels": {"example.com/inject": "on"}}
+    service = one(documents, "Service", "webhook")["metadata"]
+    assert hook["clientConfig"]["service"]["name"] == service["name"]
+    assert hook["clientConfig"]["service"]["namespace"] == service["namespace"]
+    assert "caBundle" not in hook["clientConfig"]  # certs sync / cainjector own it
+
+
+def test_switches_add_exactly_their_objects() -> None:
+    default_kinds = {d["kind"] for d in render()}
+    assert {"NetworkPolicy", "PodDisruptionBudget", "Namespace"} <= default_kinds
+    assert "ServiceMonitor" not in default_kinds
+    assert "ServiceMonitor" in {d["kind"] for d in render(SWITCHES["service-monitor"])}
+    assert "NetworkPolicy" not in {d["kind"] for d in render(SWITCHES["no-network-policy"])}
+    assert "PodDisruptionBudget" not in {d["kind"] for d in render(SWITCHES["no-pdbs"])}
+    single = render(SWITCHES["single-operator"])
+    (operator,) = [s for c, s in pod_specs(single) if c == "operator"]
+    assert "--no-leader-election" in operator["containers"][0]["args"]
+    assert "Namespace" not in {
+        d["kind"] for d in render(SWITCHES["existing-connector-namespace"])
+    } - {"CustomResourceDefinition"}
+    (gateway,) = [s for c, s in pod_specs(render(SWITCHES["manage-addresses"])) if c == "gateway"]
+    assert "--manage-addresses=eth1" in gateway["containers"][0]["args"]
+    (webhook,) = [s for c, s in pod_specs(render(SWITCHES["no-native-sidecar"])) if c == "webhook"]
+    assert "--no-native-sidecar" in webhook["containers"][0]["args"]
