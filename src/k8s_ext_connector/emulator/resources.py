@@ -94,6 +94,8 @@ _BUILTINS = [
     coordination.k8s.io/v1 leases Lease ns - -
     apps/v1 deployments Deployment ns deploy status,all
     apps/v1 daemonsets DaemonSet ns ds status,all
+    policy/v1 poddisruptionbudgets PodDisruptionBudget ns pdb status
+    networking.k8s.io/v1 networkpolicies NetworkPolicy ns netpol -
     apiextensions.k8s.io/v1 * CustomResourceDefinition cluster crd,crds status
     admissionregistration.k8s.io/v1 * MutatingWebhookConfiguration cluster - -
     admissionregistration.k8s.io/v1 * ValidatingWebhookConfiguration cluster - -

@@ -1,0 +1,288 @@
+"""`helm install` of the chart into the emulated API server, then the chart's own commands
+(container args and env exactly as rendered into the Deployments) run against it.
+
+The harness plays the kubelet for those containers and says so: ``$(VAR)`` references
+are expanded from the env the chart declares, a mounted Secret becomes a directory with
+the keys the chart's volume names, a listening port the chart declares is mapped to a free
+local one, and the API is reached through $KUBECONFIG instead of an in-cluster token.
+
+helm validates manifests with OpenAPI v2, which the emulator does not serve, so the
+install passes --disable-openapi-validation; tests/chart validates every render strictly.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import socket
+import ssl
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from k8s_ext_connector.emulator import ApiServer
+from k8s_ext_connector.operator.desired import GATEWAY_CONFIGMAP, host_key_secret_name
+from tests.chart.helm import CHART, RELEASE_NAMESPACE, helm
+from tests.polling import wait_for
+from tests.unit.samples import SEED_MANIFEST
+
+RELEASE = "ext-connector"
+CONNECTOR_NAMESPACE = "external-services"
+FULLNAME = "k8s-ext-connector"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class Installed:
+    api: ApiServer
+    kubeconfig: Path
+    workdir: Path
+    notes: str
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def kubectl(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
+        result = subprocess.run(
+            ["kubectl", "--kubeconfig", str(self.kubeconfig), *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if check:
+            assert result.returncode == 0, f"kubectl {' '.join(args)}: {result.stderr}"
+        return result.stdout
+
+    def workload(self, kind: str, component: str) -> dict[str, Any]:
+        group = "apps"
+        plural = {"Deployment": "deployments", "DaemonSet": "daemonsets"}[kind]
+        namespace = CONNECTOR_NAMESPACE if component == "gateway" else RELEASE_NAMESPACE
+        found = self.api.get_object(group, "v1", plural, namespace, f"{FULLNAME}-{component}")
+        assert found is not None, (kind, component)
+        return found
+
+    def run_container(
+        self, component: str, ports: dict[str, int] | None = None
+    ) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+        """Start the component's container command as the chart renders it."""
+        spec = self.workload("Deployment", component)["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        env = {"POD_NAME": f"{component}-0", "POD_NAMESPACE": RELEASE_NAMESPACE}
+        for variable in container.get("env", []):
+            assert "valueFrom" in variable, variable
+        mapped = {p["containerPort"]: _free_port() for p in container.get("ports", [])}
+        mounts = {m["mountPath"]: self._mount(spec, m["name"]) for m in container["volumeMounts"]}
+        args = [self._expand(a, env, mapped, mounts) for a in container["args"]]
+        log = (self.workdir / f"{component}.log").open("ab")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "k8s_ext_connector", *args],
+            env={**os.environ, **env, "KUBECONFIG": str(self.kubeconfig)},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.processes.append(process)
+        return process, mapped
+
+    def wait(self, check: Any, what: str, component: str) -> Any:
+        """wait_for, failing with the component's log (read at the deadline)."""
+        try:
+            return wait_for(check, timeout=20, what=what)
+        except AssertionError as timeout:
+            raise AssertionError(f"{timeout}\n--- {component} log ---\n{self.log(component)}")
+
+    def log(self, component: str) -> str:
+        path = self.workdir / f"{component}.log"
+        return path.read_text()[-3000:] if path.exists() else ""
+
+    def _mount(self, spec: dict[str, Any], name: str) -> Path:
+        (volume,) = [v for v in spec["volumes"] if v["name"] == name]
+        directory = self.workdir / "volumes" / name
+        directory.mkdir(parents=True, exist_ok=True)
+        if "secret" in volume:
+            secret = wait_for(
+                lambda: self.api.get_object(
+                    "", "v1", "secrets", RELEASE_NAMESPACE, volume["secret"]["secretName"]
+                ),
+                timeout=20,
+                what=f"Secret {volume['secret']['secretName']} for volume {name}",
+            )
+            for item in volume["secret"]["items"]:
+                (directory / item["path"]).write_bytes(
+                    base64.b64decode(secret["data"][item["key"]])
+                )
+        return directory
+
+    @staticmethod
+    def _expand(
+        arg: str, env: dict[str, str], ports: dict[int, int], mounts: dict[str, Path]
+    ) -> str:
+        arg = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], arg)
+        flag, sep, value = arg.partition("=")
+        for path in sorted(mounts, key=len, reverse=True):
+            if sep and (value == path or value.startswith(path + "/")):
+                return f"{flag}={mounts[path]}{value[len(path) :]}"
+        if sep and flag.endswith("port") and value.isdigit() and int(value) in ports:
+            return f"{flag}={ports[int(value)]}"
+        return arg
+
+
+@pytest.fixture
+def installed(tmp_path: Path) -> Iterator[Installed]:
+    api = ApiServer()
+    with api.run_in_thread():
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+        result = helm(
+            "--kubeconfig", str(kubeconfig), "install", RELEASE, str(CHART),
+            "-n", RELEASE_NAMESPACE, "--create-namespace", "--disable-openapi-validation",
+        )  # fmt: skip
+        release = Installed(api, kubeconfig, tmp_path, result.stdout)
+        try:
+            yield release
+        finally:
+            for process in release.processes:
+                process.terminate()
+            for process in release.processes:
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+def _rendered() -> str:
+    return helm("template", RELEASE, str(CHART), "-n", RELEASE_NAMESPACE).stdout
+
+
+def test_install_creates_every_object_and_prints_the_next_three_commands(
+    installed: Installed,
+) -> None:
+    names = installed.kubectl("get", "-f", "-", "-o", "name", stdin=_rendered()).split()
+    assert len(names) == len([d for d in yaml.safe_load_all(_rendered()) if d])
+    assert installed.api.get_object(
+        "apiextensions.k8s.io", "v1", "customresourcedefinitions", "",
+        "externalservices.submariner.io",
+    )  # fmt: skip
+    for command in (
+        "kubectl label node <node> ext-connector.submariner.io/gateway=true",
+        "kubectl label namespace <namespace> external-service-injection=enabled",
+        "kubectl apply -f -",
+    ):
+        assert command in installed.notes
+
+
+def test_the_charts_commands_issue_certificates_serve_and_reconcile(
+    installed: Installed,
+) -> None:
+    """certs sync fills the chart's MutatingWebhookConfiguration; the webhook serves its
+    Service name with that chain; the operator takes its Lease in the release namespace,
+    answers /healthz and writes the gateway's host key where the gateway DaemonSet reads it."""
+    c = installed
+    c.run_container("certs")
+
+    def bundle() -> bytes | None:
+        config = c.api.get_object(
+            "admissionregistration.k8s.io", "v1", "mutatingwebhookconfigurations", "", FULLNAME
+        )
+        encoded = (config or {}).get("webhooks", [{}])[0].get("clientConfig", {}).get("caBundle")
+        return base64.b64decode(encoded) if encoded else None
+
+    ca = c.wait(bundle, "caBundle from certs sync", "certs")
+
+    _, webhook_ports = c.run_container("webhook")
+    (port,) = webhook_ports.values()
+    context = ssl.create_default_context(cadata=ca.decode())
+    service_name = f"{FULLNAME}-webhook.{RELEASE_NAMESPACE}.svc"
+
+    def webhook_ready() -> bool:
+        """GET /readyz on the local port, verifying the certificate for the Service's name."""
+        try:
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=2) as raw,
+                context.wrap_socket(raw, server_hostname=service_name) as tls,
+            ):
+                tls.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                return tls.recv(64).startswith(b"HTTP/1.1 200")
+        except OSError:
+            return False
+
+    c.wait(webhook_ready, "webhook /readyz over TLS", "webhook")
+
+    _, operator_ports = c.run_container("operator")
+    (health,) = operator_ports.values()
+    c.wait(
+        lambda: c.api.get_object(
+            "coordination.k8s.io", "v1", "leases", RELEASE_NAMESPACE, "k8s-ext-connector-operator"
+        ),
+        "the operator's Lease in the release namespace",
+        "operator",
+    )
+    with urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=2) as response:
+        assert response.status == 200
+
+    c.kubectl("create", "namespace", "ns1")
+    c.kubectl("create", "namespace", "ns2")
+    for namespace, name in (("ns1", "my-service1"), ("ns2", "my-service2")):
+        service = {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"selector": {"app": name}, "ports": [{"port": 80}]},
+        }
+        c.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(service))
+    c.api.create_object(
+        {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": "gw1", "labels": {"ext-connector.submariner.io/gateway": "true"}},
+        }
+    )
+    ready = '{"status": {"conditions": [{"type": "Ready", "status": "True"}]}}'
+    c.kubectl("patch", "node", "gw1", "--subresource=status", "--type=merge", "-p", ready)
+    c.kubectl("apply", "-n", "ns1", "-f", "-", stdin=SEED_MANIFEST)
+    daemonset = c.workload("DaemonSet", "gateway")["spec"]["template"]["spec"]
+    args = daemonset["containers"][0]["args"]
+    secret = next(a for a in args if a.startswith("--host-key-secret=")).split("=", 1)[1]
+    assert secret.replace("$(NODE_NAME)", "gw1") == host_key_secret_name("gw1")
+    c.wait(
+        lambda: c.api.get_object(
+            "", "v1", "secrets", CONNECTOR_NAMESPACE, host_key_secret_name("gw1")
+        ),
+        "gw1's host key Secret",
+        "operator",
+    )
+    config = wait_for(
+        lambda: c.api.get_object("", "v1", "configmaps", CONNECTOR_NAMESPACE, GATEWAY_CONFIGMAP),
+        timeout=20,
+        what="the gateway ConfigMap",
+    )
+    (volume,) = [v for v in daemonset["volumes"] if v["name"] == "config"]
+    assert volume["configMap"]["name"] == GATEWAY_CONFIGMAP
+    assert "gw1.yaml" in config["data"]
+
+
+def test_uninstall_removes_everything_but_the_kept_namespace_and_the_crd(
+    installed: Installed,
+) -> None:
+    helm("--kubeconfig", str(installed.kubeconfig), "uninstall", RELEASE, "-n", RELEASE_NAMESPACE)
+    left = installed.kubectl(
+        "get", "-f", "-", "-o", "name", "--ignore-not-found", stdin=_rendered()
+    ).split()
+    assert left == [f"namespace/{CONNECTOR_NAMESPACE}"]
+    assert installed.api.get_object(
+        "apiextensions.k8s.io", "v1", "customresourcedefinitions", "",
+        "externalservices.submariner.io",
+    )  # fmt: skip
