@@ -102,7 +102,9 @@ class Installed:
         try:
             return wait_for(check, timeout=20, what=what)
         except AssertionError as timeout:
-            raise AssertionError(f"{timeout}\n--- {component} log ---\n{self.log(component)}")
+            raise AssertionError(
+                f"{timeout}\n--- {component} log ---\n{self.log(component)}"
+            ) from None
 
     def log(self, component: str) -> str:
         path = self.workdir / f"{component}.log"
