@@ -12,6 +12,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from k8s_ext_connector.cli import build_parser
+from k8s_ext_connector.operator import main as operator_main
 from k8s_ext_connector.operator import rbac
 from k8s_ext_connector.operator.desired import GATEWAY_CONFIGMAP, host_key_secret_name
 from tests.chart.helm import CHART, RELEASE_NAMESPACE, helm, minimum_kube_version, render
@@ -401,3 +403,20 @@ def test_switches_add_exactly_their_objects() -> None:
     assert "--manage-addresses=eth1" in gateway["containers"][0]["args"]
     (webhook,) = [s for c, s in pod_specs(render(SWITCHES["no-native-sidecar"])) if c == "webhook"]
     assert "--no-native-sidecar" in webhook["containers"][0]["args"]
+
+
+@pytest.mark.parametrize("values", SWITCHES.values(), ids=SWITCHES.keys())
+def test_every_container_command_is_one_the_cli_accepts(values: dict[str, str]) -> None:
+    """Each rendered args list parses with the real command line (a misspelt flag or a bad
+    choice fails here, not in a cluster); $(VAR) references become sample values."""
+    parser = build_parser()
+    for component, spec in pod_specs(render(values)):
+        for container in spec["containers"]:
+            args = [re.sub(r"\$\((\w+)\)", "node-1", a) for a in container["args"]]
+            try:
+                parsed = parser.parse_args(args)
+            except SystemExit:
+                pytest.fail(f"{component}: the CLI refuses {args}")
+            assert args[0] == component or (component, args[0]) == ("certs", "certs")
+            if component == "operator":
+                operator_main.command_from(parsed)  # its own checks (label, ports)
