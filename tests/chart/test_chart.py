@@ -16,6 +16,7 @@ from k8s_ext_connector.cli import build_parser
 from k8s_ext_connector.operator import main as operator_main
 from k8s_ext_connector.operator import rbac
 from k8s_ext_connector.operator.desired import GATEWAY_CONFIGMAP, host_key_secret_name
+from k8s_ext_connector.operator.leader import LEASE_NAME
 from tests.chart.helm import CHART, RELEASE_NAMESPACE, helm, minimum_kube_version, render
 
 CONNECTOR_NAMESPACE = "external-services"
@@ -173,9 +174,9 @@ def test_the_crd_is_the_one_in_crds(default_render: list[dict[str, Any]]) -> Non
 # RBAC: the chart's Roles are what operator/rbac.py says each component calls.
 
 
-def _rules(document: dict[str, Any]) -> set[tuple[str, str, str]]:
+def _rules(document: dict[str, Any]) -> set[tuple[str, str, str, tuple[str, ...]]]:
     return {
-        (group, resource, verb)
+        (group, resource, verb, tuple(rule.get("resourceNames", ())))
         for rule in document["rules"]
         for group in rule["apiGroups"]
         for resource in rule["resources"]
@@ -183,8 +184,13 @@ def _rules(document: dict[str, Any]) -> set[tuple[str, str, str]]:
     }
 
 
-def _expected(rules: tuple[rbac.Rule, ...]) -> set[tuple[str, str, str]]:
-    return {(r.group, r.resource, verb) for r in rules for verb in r.verbs}
+def _expected(rules: tuple[rbac.Rule, ...]) -> set[tuple[str, str, str, tuple[str, ...]]]:
+    """The code's rules, names resolved as the chart names them with default values."""
+    return {
+        (r.group, r.resource, verb, tuple(rbac.OBJECT_NAMES[n] for n in r.names))
+        for r in rules
+        for verb in r.verbs
+    }
 
 
 @pytest.mark.parametrize("component", sorted(rbac.COMPONENTS))
@@ -420,3 +426,20 @@ def test_every_container_command_is_one_the_cli_accepts(values: dict[str, str]) 
             assert args[0] == component or (component, args[0]) == ("certs", "certs")
             if component == "operator":
                 operator_main.command_from(parsed)  # its own checks (label, ports)
+
+
+def test_name_restricted_rules_name_what_the_components_use() -> None:
+    """resourceNames must be the very objects the rendered commands touch."""
+    documents = render({"fullnameOverride": "conn"})
+    (certs,) = [s for c, s in pod_specs(documents) if c == "certs"]
+    args = dict(a.split("=", 1) for a in certs["containers"][0]["args"] if "=" in a)
+    named = {
+        name
+        for d in documents
+        if d["kind"] in ("Role", "ClusterRole") and component_of(d) == "certs"
+        for rule in d["rules"]
+        for name in rule.get("resourceNames", [])
+    }
+    assert {args["--secret"], args["--webhook-config"]} <= named
+    assert one(documents, "MutatingWebhookConfiguration", "webhook")["metadata"]["name"] in named
+    assert rbac.OBJECT_NAMES["operator-lease"] == LEASE_NAME

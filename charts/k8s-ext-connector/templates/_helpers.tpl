@@ -94,6 +94,11 @@ imagePullSecrets:
 {{- printf "%s-webhook-tls" (include "extconn.fullname" .) -}}
 {{- end -}}
 
+{{/* The webhook CA's key: read and written by the certs component only. */}}
+{{- define "extconn.caSecret" -}}
+{{- printf "%s-webhook-ca" (include "extconn.fullname" .) -}}
+{{- end -}}
+
 {{/*
 A component's ServiceAccount, ClusterRole and Role with their bindings, rendered from
 files/rbac-rules.yaml, which `k8s-ext-connector rbac rules` writes from operator/rbac.py
@@ -108,6 +113,12 @@ Call with (dict "root" $ "component" "operator").
 {{- $saNamespace := ternary (include "extconn.connectorNamespace" $root) $root.Release.Namespace (eq $component "gateway") -}}
 {{- $roleNamespace := ternary (include "extconn.connectorNamespace" $root) $root.Release.Namespace (eq $spec.roleNamespace "connector") -}}
 {{- $labels := include "extconn.labels" (dict "root" $root "component" $component) -}}
+{{- /* The objects name-restricted rules cover (operator/rbac.py OBJECT_NAMES). */ -}}
+{{- $names := dict
+  "operator-lease" "k8s-ext-connector-operator"
+  "webhook-configuration" (include "extconn.fullname" $root)
+  "webhook-tls-secret" (include "extconn.tlsSecret" $root)
+  "webhook-ca-secret" (include "extconn.caSecret" $root) -}}
 apiVersion: v1
 kind: ServiceAccount
 metadata:
@@ -134,6 +145,12 @@ rules:
   # {{ .why }}
   - apiGroups: {{ toJson .apiGroups }}
     resources: {{ toJson .resources }}
+    {{- with .resourceNames }}
+    resourceNames:
+      {{- range . }}
+      - {{ index $names . | required (printf "no name for %s" .) }}
+      {{- end }}
+    {{- end }}
     verbs: {{ toJson .verbs }}
   {{- end }}
 ---
