@@ -2,7 +2,9 @@
 
 Content, not mtime, is compared: a mounted ConfigMap changes by swapping a symlink, and
 editors may keep mtimes. An invalid new file is logged in one line and the running config
-stays in force, so a bad edit never takes a working agent down.
+stays in force, so a bad edit never takes a working agent down. Any other failure while
+applying (an OS error adding an address, a bug) is logged too and retried at the next
+check: the watcher itself never dies, or the agent would silently stop following its file.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from k8s_ext_connector.core.errors import ConfigError, TransientError
+from k8s_ext_connector.core.errors import ConfigError
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -63,7 +65,16 @@ class ConfigWatcher(Generic[T]):
             config = self._load(self._path)
             log.info("config %s changed, applying", self._path)
             await self._on_change(config)
-        except (ConfigError, TransientError, RuntimeError) as error:
+        except ConfigError as error:
             log.error("config %s not applied, keeping the running one: %s", self._path, error)
+            return False
+        except Exception as error:  # any failure: see the module docstring
+            self._digest = None  # retry the same content at the next check
+            log.error(
+                "config %s not applied (%s: %s), keeping the running one; retrying",
+                self._path,
+                type(error).__name__,
+                error,
+            )
             return False
         return True
