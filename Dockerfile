@@ -45,6 +45,9 @@ LABEL org.opencontainers.image.title="k8s-ext-connector" \
 #   iptables-{nft,legacy}-{save,restore} and ip6tables-{nft,legacy}-{save,restore} (the
 #   gateway's IPv6 ingress chain), choosing the node's backend at run time;
 # - iproute2: `ip`, for `gateway --manage-addresses IFACE`.
+# Versions are those of the pinned Debian release (bookworm) with its security updates;
+# exact apt pins would break the build whenever the archive drops an updated version.
+# hadolint ignore=DL3008
 RUN set -eu; \
     export DEBIAN_FRONTEND=noninteractive; \
     apt-get update; \

@@ -34,3 +34,26 @@ bench: install          ## data-plane benchmark (root); writes bench/results/dat
 
 clean:
 	rm -rf $(VENV) .install-stamp .mypy_cache .ruff_cache .pytest_cache
+
+# ---- images and the kind e2e suite (need Docker) -------------------------------------------
+.PHONY: images e2e
+IMAGE_REPO ?= ghcr.io/k8s-ext-connector/k8s-ext-connector
+IMAGE_TAG ?= $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' src/k8s_ext_connector/__init__.py)
+DOCKER ?= docker
+# One line and exit 1 when Docker cannot build or run containers here ($(1): what did not happen).
+docker_usable = command -v $(DOCKER) >/dev/null 2>&1 \
+	|| { echo "$@: FAILED: no '$(DOCKER)' CLI on PATH; $(1)" >&2; exit 1; }; \
+	err="$$($(DOCKER) info 2>&1 >/dev/null)" \
+	|| { echo "$@: FAILED: Docker is not usable here ($(DOCKER) info: $$(echo "$$err" | grep -m1 .)); $(1)" >&2; exit 1; }
+
+images:                 ## the one image of every component: $(IMAGE_REPO):$(IMAGE_TAG)
+	@$(call docker_usable,no image was built)
+	$(DOCKER) build --build-arg VERSION=$(IMAGE_TAG) \
+	  --build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) \
+	  -t $(IMAGE_REPO):$(IMAGE_TAG) .
+
+e2e:                    ## kind cluster + chart + the seed's walkthrough (Docker); EXTCONN_E2E_KEEP=1 keeps it
+	@$(call docker_usable,the kind e2e suite did NOT run)
+	@$(MAKE) --no-print-directory install
+	bash tests/e2e/install-kind.sh
+	EXTCONN_E2E=1 $(BIN)/pytest tests/e2e -v

@@ -49,5 +49,5 @@ def render(
 
 def minimum_kube_version() -> str:
     """The lowest version Chart.yaml's kubeVersion admits (">=1.29.0-0" → "1.29.0")."""
-    constraint = yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"]
+    constraint = str(yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"])
     return constraint.removeprefix(">=").strip().split("-")[0]

@@ -151,7 +151,8 @@ def test_two_operators_without_leader_election_are_refused() -> None:
 def test_every_values_key_has_a_comment() -> None:
     """Kubernetes' own keys under ``resources`` are explained by their parent's comment."""
     lines = (CHART / "values.yaml").read_text().splitlines()
-    previous, parents, missing = "", [], []
+    previous, missing = "", list[str]()
+    parents: list[tuple[int, str]] = []
     for number, line in enumerate(lines, 1):
         match = re.match(r"^( *)([A-Za-z][A-Za-z0-9]*):", line)
         if match:
