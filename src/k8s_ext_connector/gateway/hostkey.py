@@ -34,7 +34,7 @@ from k8s_ext_connector.core.errors import ConfigError, TransientError
 from k8s_ext_connector.core.kube import SECRETS, ApiError, KubeClient, NotFound
 
 log = logging.getLogger(__name__)
-SECRET_KEY = "ssh-privatekey"  # what the operator writes (operator/reconciler._write_secret)
+DATA_KEY = "ssh-privatekey"  # what the operator writes (operator/reconciler._write_secret)
 OPTION = "--host-key-secret"
 BACKOFF_START = 0.5
 BACKOFF_MAX = 10.0
@@ -70,14 +70,14 @@ class HostKeySecret:
 
     @staticmethod
     def _decode(secret: dict[str, Any]) -> tuple[bytes, asyncssh.SSHKey]:
-        value = (secret.get("data") or {}).get(SECRET_KEY)
+        value = (secret.get("data") or {}).get(DATA_KEY)
         if not isinstance(value, str) or not value:
-            raise _Unusable(f"has no data.{SECRET_KEY}")
+            raise _Unusable(f"has no data.{DATA_KEY}")
         try:
             private = base64.b64decode(value, validate=True)
             key = asyncssh.import_private_key(private)
         except (binascii.Error, ValueError, asyncssh.KeyImportError):
-            raise _Unusable(f"data.{SECRET_KEY} is not an OpenSSH private key") from None
+            raise _Unusable(f"data.{DATA_KEY} is not an OpenSSH private key") from None
         return hashlib.sha256(private).digest(), key
 
     def _refused(self, error: ApiError) -> ConfigError:
@@ -142,9 +142,9 @@ class HostKeySecret:
                 await self._reconnect()
             return f"{self} cannot be read: {' '.join(str(error).split())}"
         if digest != self._digest:
-            await on_change(key)
+            log.info("host key changed in %s", self)
+            await on_change(key)  # logs the new key's fingerprint
             self._digest = digest
-            log.info("host key changed in %s: new connections get %s", self, key.get_fingerprint())
         return ""
 
     async def _reconnect(self) -> None:

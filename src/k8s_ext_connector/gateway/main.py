@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,6 +237,16 @@ async def _gateway(
     secret: HostKeySecret | None = None
     agent: GatewayAgent | None = None
     tasks: list[asyncio.Task[None]] = []
+
+    # The watchers run only once the agent is up; these read ``agent`` when called.
+    async def apply_config(new: GatewayConfig) -> None:
+        assert agent is not None
+        await agent.apply(new)
+
+    async def replace_host_key(new: asyncssh.SSHKey) -> None:
+        assert agent is not None
+        await agent.replace_host_key(new)
+
     try:
         if settings.health_port:
             try:
@@ -257,7 +266,7 @@ async def _gateway(
         # Watchers first: their digest is of content at most as new as what is loaded, so
         # a change between the two is applied (again) rather than missed.
         watcher = ConfigWatcher(
-            settings.config_path, load_gateway_config, _later, settings.reload_interval
+            settings.config_path, load_gateway_config, apply_config, settings.reload_interval
         )
         if config is None:
             config = load_gateway_config(settings.config_path)
@@ -266,7 +275,7 @@ async def _gateway(
             key_watcher = ConfigWatcher(
                 key_path,
                 lambda path: load_private_key(path, "--host-key"),
-                _later,
+                replace_host_key,
                 settings.reload_interval,
             )
             if host_key is None:
@@ -296,14 +305,12 @@ async def _gateway(
         await agent.start()
         ready.agent = agent
 
-        watcher.on_change = agent.apply
         watcher.install_sighup()
         tasks.append(asyncio.create_task(watcher.run()))
         if key_watcher is not None:
-            key_watcher.on_change = agent.replace_host_key
             tasks.append(asyncio.create_task(key_watcher.run()))
         if secret is not None:
-            tasks.append(asyncio.create_task(secret.follow(agent.replace_host_key)))
+            tasks.append(asyncio.create_task(secret.follow(replace_host_key)))
         log.info("gateway running with %d source IPs", len(config.sources))
         await asyncio.Event().wait()  # until cancelled (SIGTERM)
     finally:
@@ -316,10 +323,3 @@ async def _gateway(
             log.info("gateway stopped")
         if secret is not None:
             await secret.close()
-
-
-async def _later(_: object) -> None:
-    raise AssertionError("a watcher ran before the agent started")  # pragma: no cover
-
-
-_Handler = Callable[[object], object]
