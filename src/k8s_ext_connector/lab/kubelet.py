@@ -22,9 +22,10 @@ DaemonSet's pod. Every action is announced through ``say`` as the lab's, never t
   without endpoints, such as the connector Service, keep refusing (the Service CIDR is a
   local route in the gateway netns).
 
-The sidecar follows its key file (a re-issued key Secret is picked up without a restart),
-as on a real cluster. Deviation, announced when it happens: the gateway reads its host key
-only at start, so when that Secret changes the lab restarts the gateway.
+The sidecar follows its key file and the gateway its host key file (a re-issued key Secret
+is picked up without a restart), as on a real cluster. The gateway gets its host key as a
+file here because it runs in its own network namespace, which cannot reach the emulator on
+the root namespace's loopback; in a cluster it GETs its Secret (``--host-key-secret``).
 
 Files the lab writes into a namespace are checked first: an address outside TEST-NET is
 refused with an error instead of reaching a namespace.
@@ -621,13 +622,6 @@ class Kubelet:
         if not (text and key):
             return False
         gateway = self.gateway
-        digest = _digest(key_dir)
-        if gateway.alive() and gateway.key_digest and digest != gateway.key_digest:
-            self.say(
-                "as gateway DaemonSet: the host key Secret changed; the gateway reads it only"
-                " at start: RESTARTING it (lab deviation)"
-            )
-            gateway.restart("restarted for its new host key")
         if gateway.alive() or time.monotonic() < gateway.next_start:
             return False
         self._start_container(
@@ -650,7 +644,6 @@ class Kubelet:
             announce=f"`k8s-ext-connector gateway --manage-addresses {GATEWAY_IFACE}` in"
             f" netns {self.lab.gw_ns}",
         )
-        gateway.key_digest = digest
         return True
 
     def restart_gateway(self) -> None:
