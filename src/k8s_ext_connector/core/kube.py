@@ -7,7 +7,10 @@ for the cases callers handle, ``TransientError`` for what deserves a retry (5xx,
 connection problems), ``ApiError`` for the rest.
 
 Credentials: the in-cluster service account, else ``$KUBECONFIG`` / ``~/.kube/config``
-(token, client certificate, or none for a local test API). Never logged.
+(token, token file, client certificate, or none for a local test API). Never logged. A token
+file is read again whenever it changes: the kubelet rotates a projected service account
+token in place, and an API server stops accepting the old one (after 90 days on some
+providers), so a long-running component must follow the file.
 """
 
 from __future__ import annotations
@@ -93,9 +96,16 @@ class Credentials:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    token_file: str | None = None  # wins over ``token``; followed when it changes
 
     def __repr__(self) -> str:  # keep the token out of logs and tracebacks
         return f"Credentials(server={self.server!r})"
+
+    def bearer(self) -> str | None:
+        """The token to send now: the token file's current content, else ``token``."""
+        if self.token_file is None:
+            return self.token
+        return _read_token_file(self.token_file) or self.token
 
     def ssl_context(self) -> ssl.SSLContext | None:
         if not self.server.startswith("https"):
@@ -106,13 +116,31 @@ class Credentials:
         return context
 
 
+_token_cache: dict[str, tuple[int, str]] = {}  # path -> (mtime_ns, token)
+
+
+def _read_token_file(path: str) -> str | None:
+    """The file's token, re-read only when its mtime changes (one stat per request)."""
+    try:
+        mtime = os.stat(path).st_mtime_ns
+        cached = _token_cache.get(path)
+        if cached is not None and cached[0] == mtime:
+            return cached[1]
+        token = Path(path).read_text().strip()
+    except OSError:
+        cached = _token_cache.get(path)
+        return cached[1] if cached else None  # mid-swap: keep the last one read
+    _token_cache[path] = (mtime, token)
+    return token
+
+
 def load_credentials(kubeconfig: str | None = None) -> Credentials:
     if kubeconfig is None and (SERVICE_ACCOUNT / "token").exists():
         host = os.environ["KUBERNETES_SERVICE_HOST"]
         port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
         return Credentials(
             server=f"https://{host}:{port}",
-            token=(SERVICE_ACCOUNT / "token").read_text().strip(),
+            token_file=str(SERVICE_ACCOUNT / "token"),
             ca_file=str(SERVICE_ACCOUNT / "ca.crt"),
         )
     path = kubeconfig or os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
@@ -120,9 +148,7 @@ def load_credentials(kubeconfig: str | None = None) -> Credentials:
         config = yaml.safe_load(Path(path).read_text())
         current = config.get("current-context")
         context = next(c["context"] for c in config["contexts"] if c["name"] == current)
-        cluster = next(
-            c["cluster"] for c in config["clusters"] if c["name"] == context["cluster"]
-        )
+        cluster = next(c["cluster"] for c in config["clusters"] if c["name"] == context["cluster"])
         users = [
             u.get("user") or {}
             for u in config.get("users") or []
@@ -139,6 +165,7 @@ def load_credentials(kubeconfig: str | None = None) -> Credentials:
     return Credentials(
         server=cluster["server"].rstrip("/"),
         token=user.get("token"),
+        token_file=user.get("tokenFile"),
         ca_file=_materialise(cluster, "certificate-authority"),
         cert_file=_materialise(user, "client-certificate"),
         key_file=_materialise(user, "client-key"),
@@ -168,10 +195,7 @@ def _materialise(section: dict[str, Any], key: str) -> str | None:
 class KubeClient:
     def __init__(self, credentials: Credentials) -> None:
         self._credentials = credentials
-        headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
-        if credentials.token:
-            headers["Authorization"] = f"Bearer {credentials.token}"
-        self._headers = headers
+        self._headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> KubeClient:
@@ -196,12 +220,16 @@ class KubeClient:
             )
         return self._session
 
+    def _auth(self) -> dict[str, str]:
+        token = self._credentials.bearer()
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
     async def _call(
         self, method: str, path: str, body: object = None, content_type: str = "application/json"
     ) -> dict[str, Any]:
         try:
             async with self._http().request(
-                method, path, json=body, headers={"Content-Type": content_type}
+                method, path, json=body, headers={"Content-Type": content_type, **self._auth()}
             ) as response:
                 payload = (
                     await response.json(content_type=None) if response.content_length != 0 else {}
@@ -318,7 +346,7 @@ class KubeClient:
             return event
 
         try:
-            async with self._http().get(path, timeout=timeout) as response:
+            async with self._http().get(path, timeout=timeout, headers=self._auth()) as response:
                 if response.status >= 300:
                     try:
                         payload = await response.json(content_type=None)

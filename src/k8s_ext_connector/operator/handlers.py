@@ -99,10 +99,12 @@ def register(
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
+        """kopf calls this again after a 401: a rotated token file is read then."""
+        token = credentials.bearer()
         return kopf.ConnectionInfo(
             server=credentials.server,
-            token=credentials.token,
-            scheme="Bearer" if credentials.token else None,
+            token=token,
+            scheme="Bearer" if token else None,
             ca_path=credentials.ca_file,
             certificate_path=credentials.cert_file,
             private_key_path=credentials.key_file,
