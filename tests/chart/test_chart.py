@@ -441,6 +441,6 @@ def test_name_restricted_rules_name_what_the_components_use() -> None:
         for rule in d["rules"]
         for name in rule.get("resourceNames", [])
     }
-    assert {args["--secret"], args["--webhook-config"]} <= named
+    assert {args["--secret"], args["--ca-secret"], args["--webhook-config"]} <= named
     assert one(documents, "MutatingWebhookConfiguration", "webhook")["metadata"]["name"] in named
     assert rbac.OBJECT_NAMES["operator-lease"] == LEASE_NAME

@@ -1,7 +1,9 @@
-"""``certs sync`` against the emulated API server: the Secret and every webhook's caBundle
-are created, kept, rotated before expiry (seconds-long certificates), and a rerun with
-nothing due writes nothing. A TLS server with the rotated files is trusted by a client
-that knows only the published caBundle, as the API server would be.
+"""``certs sync`` against the emulated API server: the CA Secret, the serving Secret and
+every webhook's caBundle are created, kept, rotated before expiry (seconds-long
+certificates), and a rerun with nothing due writes nothing. After every sync the serving
+Secret (the one the webhook pods mount) holds no CA key; an older Secret that did has it
+moved to the CA Secret. A TLS server with the rotated files is trusted by a client that
+knows only the published caBundle, as the API server would be.
 """
 
 from __future__ import annotations
@@ -21,15 +23,24 @@ import pytest
 
 from k8s_ext_connector.certs import main as certs_main
 from k8s_ext_connector.certs.rotation import SyncResult, SyncSettings, sync
-from k8s_ext_connector.certs.tls import Issued, load_certificates, signed_by, write_pair
+from k8s_ext_connector.certs.tls import (
+    Issued,
+    generate_ca,
+    issue_serving_cert,
+    load_certificates,
+    service_dns_names,
+    signed_by,
+    write_pair,
+)
 from k8s_ext_connector.core.kube import KubeClient, load_credentials
 from k8s_ext_connector.emulator import ApiServer
 from k8s_ext_connector.operator import rbac
 
 NS, SECRET, SERVICE, CONFIG = "external-services", "webhook-tls", "webhook", "extconn-webhook"
+CA_SECRET = "webhook-ca"
 WEBHOOKS = ("inject.ext-connector.submariner.io", "second.ext-connector.submariner.io")
 WRITES = {"create", "update", "patch", "delete"}
-LONG = SyncSettings(NS, SECRET, SERVICE, CONFIG, overlap=datetime.timedelta(0))
+LONG = SyncSettings(NS, SECRET, CA_SECRET, SERVICE, CONFIG, overlap=datetime.timedelta(0))
 
 
 def _webhook(name: str) -> dict[str, Any]:
@@ -71,25 +82,56 @@ Run = Callable[[SyncSettings], SyncResult]
 
 @pytest.fixture
 def run(api: ApiServer, kubeconfig: Path) -> Run:
-    """One sync over HTTP, as the CLI does it (a fresh client each time)."""
+    """One sync over HTTP, as the CLI does it (a fresh client each time). After every
+    sync, whatever it did: the serving Secret holds no CA key."""
     credentials = load_credentials(str(kubeconfig))
 
     async def once(settings: SyncSettings) -> SyncResult:
         async with KubeClient(credentials) as client:
             return await sync(client, settings)
 
-    return lambda settings: asyncio.run(once(settings))
+    def checked(settings: SyncSettings) -> SyncResult:
+        result = asyncio.run(once(settings))
+        _assert_no_ca_key_served(api)
+        return result
+
+    return checked
+
+
+def _assert_no_ca_key_served(api: ApiServer) -> None:
+    serving = api.get_object("", "v1", "secrets", NS, SECRET)
+    if serving is not None:
+        assert "ca.key" not in (serving.get("data") or {}), "the CA key is in the mounted Secret"
 
 
 def _writes(api: ApiServer, since: int = 0) -> list[str]:
     return [f"{r.verb} {r.path}" for r in api.requests[since:] if r.verb in WRITES]
 
 
-def _secret(api: ApiServer) -> tuple[Issued, Issued, dict[str, Any]]:
-    secret = api.get_object("", "v1", "secrets", NS, SECRET)
+def _get_secret(api: ApiServer, name: str) -> tuple[dict[str, bytes], dict[str, Any]]:
+    secret = api.get_object("", "v1", "secrets", NS, name)
     assert secret is not None
-    data = {k: base64.b64decode(v) for k, v in secret["data"].items()}
-    return Issued(data["ca.crt"], data["ca.key"]), Issued(data["tls.crt"], data["tls.key"]), secret
+    return {k: base64.b64decode(v) for k, v in secret["data"].items()}, secret
+
+
+def _secret(api: ApiServer) -> tuple[Issued, Issued, dict[str, Any]]:
+    """The CA (from the CA Secret), the serving pair and the serving Secret, checking the
+    layout: ca.key only in the CA Secret; the serving Secret's ca.crt is that CA."""
+    ca_data, _ = _get_secret(api, CA_SECRET)
+    data, secret = _get_secret(api, SECRET)
+    assert "ca.key" not in data
+    assert data["ca.crt"] == ca_data["ca.crt"]
+    return (
+        Issued(ca_data["ca.crt"], ca_data["ca.key"]),
+        Issued(data["tls.crt"], data["tls.key"]),
+        secret,
+    )
+
+
+def _versions(api: ApiServer) -> list[str]:
+    return [
+        _get_secret(api, name)[1]["metadata"]["resourceVersion"] for name in (CA_SECRET, SECRET)
+    ]
 
 
 def _bundles(api: ApiServer, name: str = CONFIG) -> list[bytes]:
@@ -107,23 +149,32 @@ def _trusted(serving: Issued, bundle: bytes) -> bool:
 def test_first_sync_creates_the_secret_and_publishes_the_bundle(api: ApiServer, run: Run) -> None:
     result = run(LONG)
     assert result.secret_written
+    assert result.ca_secret_written
+    assert not result.moved_ca_key
     assert result.patched_webhooks == WEBHOOKS
     ca, serving, secret = _secret(api)
     assert secret["type"] == "kubernetes.io/tls"
+    assert sorted(secret["data"]) == ["ca.crt", "tls.crt", "tls.key"]
+    _, ca_secret = _get_secret(api, CA_SECRET)
+    assert ca_secret["type"] == "Opaque"
+    assert sorted(ca_secret["data"]) == ["ca.crt", "ca.key"]
+    assert ca.certificate.subject == ca.certificate.issuer  # the CA, not a leaf
     assert _bundles(api) == [ca.cert_pem, ca.cert_pem]
     assert _trusted(serving, ca.cert_pem)
-    # One patch for both webhooks, one Secret create.
-    assert sorted(r.split()[0] for r in _writes(api)) == ["create", "patch"]
+    # One patch for both webhooks, then the CA Secret and the serving Secret created.
+    assert [r.split()[0] for r in _writes(api)] == ["patch", "create", "create"]
+    ca_version, serving_version = map(int, _versions(api))
+    assert ca_version < serving_version  # the CA first
 
 
 def test_rerun_with_nothing_due_writes_nothing(api: ApiServer, run: Run) -> None:
     run(LONG)
-    before, seen = len(api.requests), _secret(api)[2]["metadata"]["resourceVersion"]
+    before, seen = len(api.requests), _versions(api)
     result = run(LONG)
     assert not result.changed
     assert result.summary() == "nothing due"
     assert _writes(api, before) == []
-    assert _secret(api)[2]["metadata"]["resourceVersion"] == seen
+    assert _versions(api) == seen
 
 
 def test_existing_secret_keeps_its_metadata_and_other_keys(api: ApiServer, run: Run) -> None:
@@ -141,11 +192,33 @@ def test_existing_secret_keeps_its_metadata_and_other_keys(api: ApiServer, run: 
             "data": {"extra": base64.b64encode(b"kept").decode(), "tls.crt": "", "tls.key": ""},
         }
     )
-    assert run(LONG).secret_written
+    api.create_object(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": {
+                "name": CA_SECRET,
+                "namespace": NS,
+                "labels": {"team": "platform"},
+                "annotations": {"note": "kept too"},
+            },
+            "data": {"other": base64.b64encode(b"also kept").decode()},
+        }
+    )
+    result = run(LONG)
+    assert result.secret_written
+    assert result.ca_secret_written
     _, _, secret = _secret(api)
+    assert secret["type"] == "kubernetes.io/tls"
     assert secret["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "Helm"}
     assert secret["metadata"]["annotations"] == {"meta.helm.sh/release-name": "extconn"}
     assert base64.b64decode(secret["data"]["extra"]) == b"kept"
+    ca_data, ca_secret = _get_secret(api, CA_SECRET)
+    assert ca_secret["metadata"]["labels"] == {"team": "platform"}
+    assert ca_secret["metadata"]["annotations"] == {"note": "kept too"}
+    assert ca_data["other"] == b"also kept"
+    assert [r.split()[0] for r in _writes(api)][-2:] == ["update", "update"]
 
 
 def test_missing_webhook_configuration_is_published_once_it_appears(
@@ -166,8 +239,171 @@ def test_missing_webhook_configuration_is_published_once_it_appears(
     )
     second = run(settings)
     assert not second.secret_written
+    assert not second.ca_secret_written
     assert second.patched_webhooks == WEBHOOKS[:1]
     assert _bundles(api, "later") == [_secret(api)[0].cert_pem]
+
+
+# Migration from the older layout: one kubernetes.io/tls Secret with ca.key in it.
+
+
+def _old_layout(
+    api: ApiServer, ca_lifetime: datetime.timedelta = datetime.timedelta(days=3650)
+) -> tuple[Issued, Issued]:
+    """The serving Secret as an earlier ``certs sync`` wrote it (all four keys), with the
+    caBundle it published, plus chart metadata and a key of someone else's."""
+    ca = generate_ca("old webhook CA", ca_lifetime)
+    serving = issue_serving_cert(ca, service_dns_names(SERVICE, NS), datetime.timedelta(days=365))
+    encoded = {
+        "ca.crt": ca.cert_pem,
+        "ca.key": ca.key_pem,
+        "tls.crt": serving.cert_pem,
+        "tls.key": serving.key_pem,
+        "extra": b"kept",
+    }
+    api.create_object(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "kubernetes.io/tls",
+            "metadata": {
+                "name": SECRET,
+                "namespace": NS,
+                "labels": {"app.kubernetes.io/component": "webhook"},
+                "annotations": {"kept": "yes"},
+            },
+            "data": {k: base64.b64encode(v).decode() for k, v in encoded.items()},
+        }
+    )
+    config = api.get_object(
+        "admissionregistration.k8s.io", "v1", "mutatingwebhookconfigurations", "", CONFIG
+    )
+    assert config is not None
+    for webhook in config["webhooks"]:
+        webhook["clientConfig"]["caBundle"] = base64.b64encode(ca.cert_pem).decode()
+    _replace(api, "admissionregistration.k8s.io", "mutatingwebhookconfigurations", "", config)
+    return ca, serving
+
+
+def _replace(api: ApiServer, group: str, plural: str, namespace: str, obj: dict[str, Any]) -> None:
+    """Change an object behind the clients' backs (not recorded, no admission)."""
+    rt = api.registry.lookup(group, "v1", plural)
+    assert rt is not None
+    api.store.update(rt, namespace, obj["metadata"]["name"], obj)
+
+
+def test_old_layout_moves_the_ca_key_to_the_ca_secret(api: ApiServer, run: Run) -> None:
+    old_ca, old_serving = _old_layout(api)
+    before = len(api.requests)
+    result = run(LONG)
+    assert result.reasons == ()  # nothing was due: the same CA and serving pair, moved
+    assert result.moved_ca_key
+    assert result.ca_secret_written
+    assert result.secret_written
+    assert result.patched_webhooks == ()
+    assert "moved ca.key" in result.summary()
+    # The CA Secret first, then ca.key out of the serving Secret.
+    assert _writes(api, before) == [
+        f"create /api/v1/namespaces/{NS}/secrets",
+        f"update /api/v1/namespaces/{NS}/secrets/{SECRET}",
+    ]
+    ca, serving, secret = _secret(api)
+    assert ca == old_ca
+    assert serving == old_serving  # the webhook keeps serving what it has
+    assert sorted(secret["data"]) == ["ca.crt", "extra", "tls.crt", "tls.key"]
+    assert base64.b64decode(secret["data"]["extra"]) == b"kept"
+    assert secret["metadata"]["annotations"] == {"kept": "yes"}
+    assert secret["type"] == "kubernetes.io/tls"
+
+    before = len(api.requests)
+    again = run(LONG)
+    assert not again.changed
+    assert _writes(api, before) == []
+
+
+def test_old_layout_with_a_ca_due_rotates_while_moving(api: ApiServer, run: Run) -> None:
+    """The old CA lives longer than configured: a new CA, the old one still trusted in the
+    caBundle meanwhile, and no CA key in the serving Secret either way."""
+    old_ca, old_serving = _old_layout(api)
+    settings = dataclasses.replace(LONG, ca_lifetime=datetime.timedelta(days=365))
+    before = len(api.requests)
+    result = run(settings)
+    assert result.moved_ca_key
+    assert any(r.startswith("CA lifetime") for r in result.reasons)
+    assert [w.split()[0] for w in _writes(api, before)] == ["patch", "create", "update"]
+    ca, serving, _ = _secret(api)
+    assert ca != old_ca
+    for bundle in _bundles(api):
+        assert load_certificates(bundle) == [ca.certificate, old_ca.certificate]
+        assert _trusted(old_serving, bundle)
+        assert _trusted(serving, bundle)
+
+
+def test_interrupted_migration_finishes_with_the_ca_secrets_ca(api: ApiServer, run: Run) -> None:
+    """A run stopped between its two writes: the CA Secret is written, the serving Secret
+    still has ca.key. The CA Secret is the one that counts; ca.key goes, nothing else."""
+    old_ca, old_serving = _old_layout(api)
+    api.create_object(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": {"name": CA_SECRET, "namespace": NS},
+            "data": {
+                "ca.crt": base64.b64encode(old_ca.cert_pem).decode(),
+                "ca.key": base64.b64encode(old_ca.key_pem).decode(),
+            },
+        }
+    )
+    before = len(api.requests)
+    result = run(LONG)
+    assert result.moved_ca_key
+    assert not result.ca_secret_written
+    assert _writes(api, before) == [f"update /api/v1/namespaces/{NS}/secrets/{SECRET}"]
+    assert _secret(api)[:2] == (old_ca, old_serving)
+
+
+def test_the_ca_secret_wins_over_a_stale_ca_key_in_the_serving_secret(
+    api: ApiServer, run: Run
+) -> None:
+    _, old_serving = _old_layout(api)
+    other = generate_ca("the CA Secret's CA", datetime.timedelta(days=3650))
+    api.create_object(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": {"name": CA_SECRET, "namespace": NS},
+            "data": {
+                "ca.crt": base64.b64encode(other.cert_pem).decode(),
+                "ca.key": base64.b64encode(other.key_pem).decode(),
+            },
+        }
+    )
+    result = run(LONG)
+    assert result.moved_ca_key
+    assert result.reasons == ("serving certificate is not signed by the current CA",)
+    ca, serving, _ = _secret(api)
+    assert ca == other
+    assert serving != old_serving
+    assert _trusted(serving, ca.cert_pem)
+
+
+def test_serving_secret_without_ca_crt_gets_it(api: ApiServer, run: Run) -> None:
+    """Both pairs current, but the serving Secret lacks ca.crt (written by hand, say):
+    only that Secret is rewritten, nothing reissued."""
+    run(LONG)
+    data, secret = _get_secret(api, SECRET)
+    del secret["data"]["ca.crt"]
+    _replace(api, "", "secrets", NS, secret)
+    before = len(api.requests)
+    result = run(LONG)
+    assert result.reasons == ()
+    assert result.secret_written
+    assert not result.ca_secret_written
+    assert "rewrote the serving Secret" in result.summary()
+    assert _writes(api, before) == [f"update /api/v1/namespaces/{NS}/secrets/{SECRET}"]
+    assert _get_secret(api, SECRET)[0] == data
 
 
 def _until_written(run: Run, settings: SyncSettings, api: ApiServer, timeout: float) -> float:
@@ -188,6 +424,7 @@ def test_short_lived_serving_certificate_rotates_before_expiry(api: ApiServer, r
     settings = SyncSettings(
         NS,
         SECRET,
+        CA_SECRET,
         SERVICE,
         CONFIG,
         serving_lifetime=datetime.timedelta(seconds=4),
@@ -200,11 +437,14 @@ def test_short_lived_serving_certificate_rotates_before_expiry(api: ApiServer, r
     span = cert.not_valid_after_utc - cert.not_valid_before_utc
     renew_point = (cert.not_valid_after_utc - span / 3).timestamp()
 
+    before = len(api.requests)
     rotated_at = _until_written(run, settings, api, timeout=10)
     assert renew_point - 1 <= rotated_at < cert.not_valid_after_utc.timestamp()  # X.509: 1 s
     ca_after, second, _ = _secret(api)
     assert second.cert_pem != first.cert_pem
     assert ca_after == ca  # the CA was not due
+    # Only the serving Secret was rewritten: same CA, same caBundle.
+    assert _writes(api, before) == [f"update /api/v1/namespaces/{NS}/secrets/{SECRET}"]
     for bundle in _bundles(api):
         assert _trusted(second, bundle)  # the chain verifies with the published bundle
 
@@ -218,6 +458,7 @@ def test_short_lived_ca_rotation_overlaps_then_drops_the_old_ca(
     settings = SyncSettings(
         NS,
         SECRET,
+        CA_SECRET,
         SERVICE,
         CONFIG,
         ca_lifetime=lifetime,
@@ -233,8 +474,12 @@ def test_short_lived_ca_rotation_overlaps_then_drops_the_old_ca(
     _until_written(run, settings, api, timeout=10)
     new_ca, new_serving, _ = _secret(api)
     assert new_ca != old_ca
-    assert len(_writes(api, before)) == 2  # caBundle patch first, then the Secret
-    assert "mutatingwebhookconfigurations" in _writes(api, before)[0]
+    # caBundle patch first, then the CA Secret, then the serving Secret.
+    assert _writes(api, before) == [
+        f"patch /apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{CONFIG}",
+        f"update /api/v1/namespaces/{NS}/secrets/{CA_SECRET}",
+        f"update /api/v1/namespaces/{NS}/secrets/{SECRET}",
+    ]
     for bundle in _bundles(api):
         assert load_certificates(bundle) == [new_ca.certificate, old_ca.certificate]
         assert _trusted(old_serving, bundle)  # the webhook may not have reloaded yet
@@ -297,6 +542,8 @@ def test_cli_sync_once_and_in_a_loop(
             NS,
             "--secret",
             SECRET,
+            "--ca-secret",
+            CA_SECRET,
             "--service",
             SERVICE,
             "--webhook-config",
@@ -334,6 +581,7 @@ def test_cli_sync_once_and_in_a_loop(
 def test_sync_requests_match_its_rbac(api: ApiServer, run: Run) -> None:
     run(LONG)
     run(LONG)
+    run(dataclasses.replace(LONG, serving_lifetime=datetime.timedelta(days=30)))  # update
     used = {
         (r.api_group, r.resource, r.verb)
         for r in api.requests
@@ -344,5 +592,6 @@ def test_sync_requests_match_its_rbac(api: ApiServer, run: Run) -> None:
         for rule in rbac.CERTS_CLUSTER_RULES + rbac.CERTS_NAMESPACE_RULES
         for verb in rule.verbs
     }
-    assert used <= granted
-    assert used >= granted - {("", "secrets", "update")}  # update: only when rotating
+    assert used == granted  # no new verb: secrets get/create/update, the config get/patch
+    named = {r.name for r in api.requests if r.resource == "secrets" and r.name}
+    assert named == {SECRET, CA_SECRET}  # the two Secrets its Role names, nothing else

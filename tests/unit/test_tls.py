@@ -20,7 +20,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from k8s_ext_connector.certs import main as certs_main
-from k8s_ext_connector.certs.rotation import Certificates, RotationPlan, carry_out, plan_rotation
+from k8s_ext_connector.certs.rotation import (
+    Certificates,
+    RotationPlan,
+    SyncSettings,
+    carry_out,
+    plan_rotation,
+)
 from k8s_ext_connector.certs.tls import (
     Issued,
     dns_names_of,
@@ -447,6 +453,8 @@ SYNC_ERRORS = {
     "overlap negative": (("--overlap", "-1"), "--overlap"),
     "serving days zero": (("--days", "0"), "--days"),
     "secret name": (("--secret", "Not/A/Name"), "--secret"),
+    "ca secret name": (("--ca-secret", "Not_A_Name"), "--ca-secret"),
+    "ca secret is the serving secret": (("--ca-secret", "webhook-tls"), "--ca-secret"),
     "kubeconfig missing": (("--kubeconfig", "/nonexistent/kubeconfig"), "--kubeconfig"),
 }
 
@@ -459,6 +467,8 @@ def test_sync_bad_values(extra: tuple[str, ...], option: str) -> None:
         "external-services",
         "--secret",
         "webhook-tls",
+        "--ca-secret",
+        "webhook-ca",
         "--service",
         "webhook",
         "--webhook-config",
@@ -478,6 +488,8 @@ def test_sync_accepts_a_fraction_as_a_ratio() -> None:
         "ns",
         "--secret",
         "s",
+        "--ca-secret",
+        "c",
         "--service",
         "webhook",
         "--webhook-config",
@@ -490,3 +502,14 @@ def test_sync_accepts_a_fraction_as_a_ratio() -> None:
     settings = certs_main.settings_from(args)
     assert settings.renew_at_fraction == 0.25
     assert settings.serving_lifetime == DAY / 2
+    assert (settings.secret, settings.ca_secret) == ("s", "c")
+
+
+def test_sync_requires_a_separate_ca_secret(capsys: pytest.CaptureFixture[str]) -> None:
+    """The CA key has its own Secret: no default that could put it next to the serving
+    pair the webhook pods mount."""
+    with pytest.raises(SystemExit):
+        _parse("sync", "--namespace", "ns", "--secret", "s", "--service", "w")
+    assert "--ca-secret" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="CA Secret"):
+        SyncSettings("ns", "same", "same", "webhook", "w")

@@ -1,9 +1,10 @@
 """``k8s-ext-connector certs``: the webhook's CA and serving certificate.
 
 ``files`` writes them to a directory by hand (for a webhook run outside the cluster, or to
-inspect); ``sync`` keeps the Secret and the MutatingWebhookConfiguration's caBundle
-current, once (a CronJob) or every ``--loop`` seconds (a Deployment). Both print what they
-did, never key material.
+inspect); ``sync`` keeps two Secrets (``--ca-secret``: the CA's certificate and key, read
+only by ``sync``; ``--secret``: the webhook's serving pair and the CA certificate, never the
+CA key) and the MutatingWebhookConfiguration's caBundle current, once (a CronJob) or every
+``--loop`` seconds (a Deployment). Both print what they did, never key material.
 """
 
 from __future__ import annotations
@@ -55,9 +56,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_common(files)
 
     sync_parser = actions.add_parser(
-        "sync", help="keep the webhook Secret and the caBundle current (once or in a loop)"
+        "sync", help="keep the webhook CA and serving Secrets and the caBundle current"
     )
-    sync_parser.add_argument("--secret", required=True, help="Secret holding the certificates")
+    sync_parser.add_argument(
+        "--secret",
+        required=True,
+        help="Secret the webhook mounts: tls.crt, tls.key, ca.crt (never ca.key)",
+    )
+    sync_parser.add_argument(
+        "--ca-secret",
+        required=True,
+        help="Secret holding the CA: ca.crt, ca.key (mount it nowhere; a ca.key found in"
+        " --secret, from an older layout, is moved here)",
+    )
     sync_parser.add_argument(
         "--webhook-config", required=True, help="MutatingWebhookConfiguration to keep trusted"
     )
@@ -210,9 +221,14 @@ def settings_from(args: argparse.Namespace) -> SyncSettings:
     fraction = _number("--renew-fraction", args.renew_fraction)
     if not 0 < fraction < 1:
         raise ConfigError("--renew-fraction", args.renew_fraction, "must be between 0 and 1")
+    secret = _subdomain("--secret", args.secret)
+    ca_secret = _subdomain("--ca-secret", args.ca_secret)
+    if ca_secret == secret:
+        raise ConfigError("--ca-secret", ca_secret, "must differ from --secret")
     return SyncSettings(
         namespace=_label("--namespace", args.namespace),
-        secret=_subdomain("--secret", args.secret),
+        secret=secret,
+        ca_secret=ca_secret,
         service=_label("--service", args.service),
         webhook_config=_subdomain("--webhook-config", args.webhook_config),
         ca_lifetime=_days("--ca-days", args.ca_days),

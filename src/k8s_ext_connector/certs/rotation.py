@@ -4,18 +4,30 @@ Two halves. ``plan_rotation`` is pure: from the certificates on record and the c
 decides what to reissue and why, so every reason to rotate is table-tested without an
 API server. ``sync`` applies a plan to the cluster.
 
-State lives in one Secret (type ``kubernetes.io/tls``: ``tls.crt``/``tls.key`` for the
-webhook server, plus ``ca.crt``/``ca.key``) in the connector namespace. The webhook reloads
-``tls.crt``/``tls.key`` when the kubelet updates its mounted copy, which takes up to a
-minute or two. Hence the order of a rotation:
+State lives in two Secrets in the connector namespace:
+
+- the CA Secret (``--ca-secret``, type ``Opaque``): ``ca.crt`` and ``ca.key``. Only the
+  certs component reads or writes it, through the API; no pod mounts it, so the CA key
+  never reaches a node (a kubelet fetches a mounted Secret whole, ``items`` or not);
+- the serving Secret (``--secret``, type ``kubernetes.io/tls``): ``tls.crt``/``tls.key``
+  for the webhook server and ``ca.crt`` (the CA that signed them, for a ServiceMonitor to
+  verify with: cert-manager's layout). Never ``ca.key``.
+
+An older layout kept ``ca.key`` in the serving Secret; ``sync`` moves it (CA Secret written
+first, then ``ca.key`` removed from the serving Secret, so a crash in between loses
+nothing). The webhook reloads ``tls.crt``/``tls.key`` when the kubelet updates its mounted
+copy, which takes up to a minute or two. Hence the order of a rotation:
 
 1. publish the caBundle (new CA *and* the old one) in every webhook of the
    MutatingWebhookConfiguration, so the API server trusts both certificates the webhook
    may be serving during the switch;
-2. write the Secret (optimistic concurrency: of two concurrent syncs, one wins);
+2. write the CA Secret, then the serving Secret (optimistic concurrency: of two concurrent
+   syncs, one wins; the CA first, so a serving certificate is never stored whose CA key
+   could be lost);
 3. on a later run, drop the old CA from the bundle. With ``overlap`` (the applier's
    default: five minutes), CAs already published stay while the serving certificate is
-   younger than that, so a quick rerun cannot drop a CA the webhook still depends on.
+   younger than that, so a quick rerun cannot drop a CA the webhook still depends on (nor
+   one a run interrupted between the two writes left the webhook serving).
 """
 
 from __future__ import annotations
@@ -264,13 +276,18 @@ def carry_out(
 @dataclass(frozen=True)
 class SyncSettings:
     namespace: str
-    secret: str
+    secret: str  # the serving Secret: tls.crt, tls.key, ca.crt (mounted by the webhook)
+    ca_secret: str  # the CA Secret: ca.crt, ca.key (never mounted)
     service: str
     webhook_config: str
     ca_lifetime: datetime.timedelta = datetime.timedelta(days=3650)
     serving_lifetime: datetime.timedelta = datetime.timedelta(days=365)
     renew_at_fraction: float = DEFAULT_RENEW_AT
     overlap: datetime.timedelta = datetime.timedelta(minutes=5)
+
+    def __post_init__(self) -> None:
+        if self.secret == self.ca_secret:
+            raise ValueError("the CA Secret must not be the serving Secret")
 
     @property
     def dns_names(self) -> list[str]:
@@ -280,18 +297,29 @@ class SyncSettings:
 @dataclass(frozen=True)
 class SyncResult:
     reasons: tuple[str, ...]
-    secret_written: bool
+    secret_written: bool  # the serving Secret
     patched_webhooks: tuple[str, ...]
     webhook_config_found: bool
+    ca_secret_written: bool = False
+    moved_ca_key: bool = False  # ca.key taken out of the serving Secret (older layout)
 
     @property
     def changed(self) -> bool:
-        return self.secret_written or bool(self.patched_webhooks)
+        return self.secret_written or self.ca_secret_written or bool(self.patched_webhooks)
 
     def summary(self) -> str:
         parts = []
         if self.reasons:
             parts.append("reissued: " + "; ".join(self.reasons))
+        if self.moved_ca_key:
+            parts.append("moved ca.key from the serving Secret to the CA Secret")
+        if not self.reasons and (self.secret_written or self.ca_secret_written):
+            written = [
+                what
+                for what, done in (("CA", self.ca_secret_written), ("serving", self.secret_written))
+                if done
+            ]
+            parts.append(f"rewrote the {' and '.join(written)} Secret")
         if self.patched_webhooks:
             parts.append("caBundle updated in " + ", ".join(self.patched_webhooks))
         if not self.webhook_config_found:
@@ -316,6 +344,10 @@ def _pair(data: dict[str, Any], cert_key: str, key_key: str) -> Issued | None:
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def _data(secret: dict[str, Any] | None) -> dict[str, Any]:
+    return (secret or {}).get("data") or {}
 
 
 async def _get(
@@ -358,51 +390,69 @@ async def _publish(client: KubeClient, config: dict[str, Any], bundle: bytes) ->
     return tuple(changed)
 
 
+@dataclass(frozen=True)
+class _Wanted:
+    """What one Secret must hold (and must not), and how to create it if it is missing."""
+
+    name: str
+    data: dict[str, bytes] = field(repr=False)
+    type: str
+    component: str
+    drop: tuple[str, ...] = ()
+
+    def differs(self, secret: dict[str, Any] | None) -> bool:
+        data = _data(secret)
+        return (
+            secret is None
+            or any(_decode(data, key) != value for key, value in self.data.items())
+            or any(key in data for key in self.drop)
+        )
+
+
 async def _write_secret(
-    client: KubeClient,
-    settings: SyncSettings,
-    secret: dict[str, Any] | None,
-    certs: Certificates,
+    client: KubeClient, namespace: str, secret: dict[str, Any] | None, wanted: _Wanted
 ) -> None:
-    data = {
-        TLS_CRT: _b64(certs.serving.cert_pem),
-        TLS_KEY: _b64(certs.serving.key_pem),
-        CA_CRT: _b64(certs.ca.cert_pem),
-        CA_KEY: _b64(certs.ca.key_pem),
-    }
+    data = {key: _b64(value) for key, value in wanted.data.items()}
     if secret is None:
         body: dict[str, Any] = {
             "apiVersion": "v1",
             "kind": "Secret",
             "metadata": {
-                "name": settings.secret,
-                "namespace": settings.namespace,
+                "name": wanted.name,
+                "namespace": namespace,
                 "labels": {
                     "app.kubernetes.io/name": "k8s-ext-connector",
-                    "app.kubernetes.io/component": "webhook",
+                    "app.kubernetes.io/component": wanted.component,
                 },
             },
-            "type": "kubernetes.io/tls",
+            "type": wanted.type,
             "data": data,
         }
-        await client.create(SECRETS, settings.namespace, body)
+        await client.create(SECRETS, namespace, body)
         return
     # Replace, keeping labels, annotations, other keys and the (immutable) type; the
     # resourceVersion it carries makes a concurrent writer's update fail instead of mixing.
     body = copy.deepcopy(secret)
-    body["data"] = {**(secret.get("data") or {}), **data}
+    kept = {k: v for k, v in (secret.get("data") or {}).items() if k not in wanted.drop}
+    body["data"] = {**kept, **data}
     body.pop("stringData", None)
-    await client.replace(SECRETS, settings.namespace, settings.secret, body)
+    await client.replace(SECRETS, namespace, wanted.name, body)
 
 
 async def sync(
     client: KubeClient, settings: SyncSettings, now: datetime.datetime | None = None
 ) -> SyncResult:
-    """Read the Secret and the webhook configuration, plan, and write only what changed."""
+    """Read both Secrets and the webhook configuration, plan, and write only what changed.
+
+    The CA comes from the CA Secret or, while the serving Secret still has the older
+    layout (``ca.key`` in it) and the CA Secret has no CA yet, from the serving Secret.
+    """
     now = now or datetime.datetime.now(datetime.UTC)
+    ca_secret = await _get(client, SECRETS, settings.namespace, settings.ca_secret)
     secret = await _get(client, SECRETS, settings.namespace, settings.secret)
-    data = (secret or {}).get("data") or {}
-    ca, serving = _pair(data, CA_CRT, CA_KEY), _pair(data, TLS_CRT, TLS_KEY)
+    data = _data(secret)
+    ca = _pair(_data(ca_secret), CA_CRT, CA_KEY) or _pair(data, CA_CRT, CA_KEY)
+    serving = _pair(data, TLS_CRT, TLS_KEY)
     config = await _get(client, MUTATING_WEBHOOK_CONFIGURATIONS, None, settings.webhook_config)
     plan = plan_rotation(
         ca,
@@ -418,7 +468,34 @@ async def sync(
     certs = carry_out(
         plan, ca, serving, settings.dns_names, settings.ca_lifetime, settings.serving_lifetime
     )
+    wanted_ca = _Wanted(
+        settings.ca_secret,
+        {CA_CRT: certs.ca.cert_pem, CA_KEY: certs.ca.key_pem},
+        "Opaque",
+        "certs",
+    )
+    wanted_serving = _Wanted(
+        settings.secret,
+        {
+            TLS_CRT: certs.serving.cert_pem,
+            TLS_KEY: certs.serving.key_pem,
+            CA_CRT: certs.ca.cert_pem,
+        },
+        "kubernetes.io/tls",
+        "webhook",
+        drop=(CA_KEY,),
+    )
     patched = await _publish(client, config, certs.ca_bundle) if config is not None else ()
-    if plan.due:
-        await _write_secret(client, settings, secret, certs)
-    return SyncResult(plan.reasons, plan.due, patched, config is not None)
+    write_ca, write_serving = wanted_ca.differs(ca_secret), wanted_serving.differs(secret)
+    if write_ca:  # first: the serving Secret may hold the only other copy of the CA key
+        await _write_secret(client, settings.namespace, ca_secret, wanted_ca)
+    if write_serving:
+        await _write_secret(client, settings.namespace, secret, wanted_serving)
+    return SyncResult(
+        plan.reasons,
+        write_serving,
+        patched,
+        config is not None,
+        ca_secret_written=write_ca,
+        moved_ca_key=CA_KEY in data,
+    )
