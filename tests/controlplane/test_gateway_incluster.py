@@ -21,6 +21,7 @@ import yaml
 from aiohttp import web
 
 from k8s_ext_connector.emulator import ApiServer
+from k8s_ext_connector.operator import rbac
 from tests.polling import wait_for
 from tests.unit.samples import gateway_doc
 
@@ -182,3 +183,8 @@ def test_waits_for_a_missing_secret_and_rejects_one_without_a_key(
     assert "not found yet" in lines[0]  # the wait was said, once
     assert sum("waiting for Secret" in line for line in lines) == 1
     assert {(r.verb, r.method, r.path) for r in apiserver.requests} == {("get", "GET", SECRET_PATH)}
+    # ... which is exactly what the gateway's Role grants (operator/rbac.py, the chart's Role).
+    spec = rbac.COMPONENTS["gateway"]
+    granted = {(r.group, r.resource, verb) for r in spec.namespace_rules for verb in r.verbs}
+    assert not spec.cluster_rules
+    assert {(r.api_group, r.resource, r.verb) for r in apiserver.requests} == granted

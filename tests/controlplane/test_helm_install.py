@@ -266,14 +266,50 @@ def test_the_charts_commands_issue_certificates_serve_and_reconcile(
         "gw1's host key Secret",
         "operator",
     )
-    config = wait_for(
-        lambda: c.api.get_object("", "v1", "configmaps", CONNECTOR_NAMESPACE, GATEWAY_CONFIGMAP),
-        timeout=20,
-        what="the gateway ConfigMap",
-    )
+    def gateway_config() -> dict[str, Any] | None:
+        found = c.api.get_object("", "v1", "configmaps", CONNECTOR_NAMESPACE, GATEWAY_CONFIGMAP)
+        return found if found and "gw1.yaml" in (found.get("data") or {}) else None
+
+    c.wait(gateway_config, "gw1.yaml in the gateway ConfigMap", "operator")
     (volume,) = [v for v in daemonset["volumes"] if v["name"] == "config"]
     assert volume["configMap"]["name"] == GATEWAY_CONFIGMAP
-    assert "gw1.yaml" in config["data"]
+
+    # Every call those commands made is one the chart's RBAC allows, names and namespaces
+    # included (the three share a user agent, so it is checked against their union).
+    roles = [
+        (d, d["metadata"].get("namespace"))
+        for d in yaml.safe_load_all(_rendered())
+        if d
+        and d["kind"] in ("Role", "ClusterRole")
+        and d["metadata"]["labels"]["app.kubernetes.io/component"] != "gateway"
+    ]
+    ours = [
+        r
+        for r in c.api.requests
+        if r.resource and r.user_agent.startswith(("k8s-ext-connector", "kopf"))
+    ]
+    assert ours
+    refused = [f"{r.verb} {r.path}" for r in ours if not any(_allows(d, ns, r) for d, ns in roles)]
+    assert refused == []
+    lease_calls = {(r.verb, r.namespace, r.name) for r in ours if r.resource == "leases"}
+    assert lease_calls >= {("get", RELEASE_NAMESPACE, "k8s-ext-connector-operator")}
+
+
+def _allows(role: dict[str, Any], namespace: str | None, request: Any) -> bool:
+    """Kubernetes' RBAC decision for one recorded request under one (Cluster)Role."""
+    if namespace is not None and request.namespace != namespace:
+        return False
+    resource = request.resource + (f"/{request.subresource}" if request.subresource else "")
+    for rule in role["rules"]:
+        names = rule.get("resourceNames")
+        if (
+            request.api_group in rule["apiGroups"]
+            and resource in rule["resources"]
+            and request.verb in rule["verbs"]
+            and (not names or request.name in names)
+        ):
+            return True
+    return False
 
 
 def test_uninstall_removes_everything_but_the_kept_namespace_and_the_crd(
