@@ -8,6 +8,7 @@ them). Each is done explicitly below, over HTTP, and named so.
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -448,7 +449,7 @@ def test_operator_requests_match_its_rbac(cluster: Cluster) -> None:
     unused = (
         granted
         - used
-        - {("", "secrets", "update"), ("", "services", "patch"), ("", "configmaps", "delete")}
+        - {("", "services", "patch"), ("", "configmaps", "delete")}
     )
     assert unused == set() or unused <= {("", "configmaps", "delete")}, unused
 
@@ -517,3 +518,193 @@ def test_source_service_selector_change_is_followed(cluster: Cluster) -> None:
     assert c.es()["status"]["ready"] == "1/2"
     message = next(x["message"] for x in c.es()["status"]["conditions"] if x["type"] == "Ready")
     assert "ns1/my-service1" in message
+
+
+# ---- what one ExternalService must never do to the others, or to objects not ours ------------
+
+
+def _message(c: Cluster, kind: str, name: str) -> str:
+    conditions = c.es(name).get("status", {}).get("conditions", [])
+    return str(next((x["message"] for x in conditions if x["type"] == kind), ""))
+
+
+def _warned(c: Cluster, name: str, reason: str) -> bool:
+    return any(
+        e["type"] == "Warning" and e["reason"] == reason and e["involvedObject"]["name"] == name
+        for e in c.api.list_objects("", "v1", "events", "default")
+    )
+
+
+INVALID_NAMES = ("db.prod", "1db", "a" * 64)  # valid object names, invalid Service names
+
+
+def test_names_no_service_can_have_are_refused_and_the_seed_still_becomes_ready(
+    cluster: Cluster,
+) -> None:
+    c = cluster
+    ready_pods(c)
+    # Applied first (older), with the seed's very spec: they must claim nothing either.
+    for name in INVALID_NAMES:
+        c.kubectl(
+            "apply", "-f", "-", stdin=SEED.replace("name: my-externalservice", f"name: '{name}'")
+        )
+    def refused(name: str) -> bool:
+        return c.condition("Accepted", name) == ("False", "InvalidName")
+
+    for name in INVALID_NAMES:
+        c.wait(functools.partial(refused, name), f"{name}: Accepted=False InvalidName")
+    c.kubectl("apply", "-f", "-", stdin=SEED)
+    c.wait(lambda: c.condition("Ready") == ("True", "TunnelsReady"), "the seed Ready")
+    for name in INVALID_NAMES:
+        message = _message(c, "Accepted", name)
+        assert message.startswith(f"metadata.name: '{name}' is not a DNS-1035 label"), message
+        assert c.condition("Ready", name) == ("False", "InvalidName")
+        c.wait(functools.partial(_warned, c, name, "InvalidName"), f"{name}: a Warning Event")
+        # Nothing is written for it.
+        assert c.api.get_object("", "v1", "services", "external-services", name) is None
+    services = c.api.list_objects("", "v1", "services", "external-services")
+    assert [s["metadata"]["name"] for s in services] == ["my-externalservice"]
+
+
+def test_a_refused_write_is_reported_logged_once_and_spares_the_others(cluster: Cluster) -> None:
+    c = cluster
+    ready_pods(c)
+    # A source Service in a namespace being deleted (held by the Service's finalizer):
+    # the API server refuses new objects there with 403 Forbidden.
+    c.kubectl("create", "ns", "ns3")
+    c.http(
+        "POST",
+        "/api/v1/namespaces/ns3/services",
+        {
+            "metadata": {"name": "my-service3", "finalizers": ["example.com/hold"]},
+            "spec": {"selector": {"app": "my-service3"}, "ports": [{"port": 80}]},
+        },
+        "application/json",
+    )
+    c.kubectl("delete", "ns", "ns3", "--wait=false")
+    doomed = (
+        SEED.replace("name: my-externalservice", "name: doomed")
+        .replace("192.168.122.139", "192.168.122.140")
+        .replace("{namespace: ns1, name: my-service1}", "{namespace: ns3, name: my-service3}")
+        .replace("192.168.122.200", "192.168.122.210")
+        .replace("192.168.122.201", "192.168.122.211")
+    )
+    c.kubectl("apply", "-f", "-", stdin=doomed)
+    c.wait(
+        lambda: c.condition("Accepted", "doomed") == ("False", "WriteRejected"),
+        "doomed: Accepted=False WriteRejected",
+    )
+    message = _message(c, "Accepted", "doomed")
+    assert message.startswith(
+        "the API server refused to create Secret ns3/ext-connector-my-service3-key: HTTP 403"
+    ), message
+    assert "being terminated" in message
+    c.wait(lambda: _warned(c, "doomed", "WriteRejected"), "a Warning Event")
+
+    c.kubectl("apply", "-f", "-", stdin=SEED)  # every later pass meets the same refusal
+    c.wait(lambda: c.condition("Ready") == ("True", "TunnelsReady"), "the seed Ready")
+    assert c.condition("Accepted", "doomed") == ("False", "WriteRejected")
+    log = (c.workdir / "operator.log").read_text()
+    assert log.count("refused to create Secret ns3/ext-connector-my-service3-key") == 1, log
+
+    # The namespace goes: the refusal is replaced by what is true now.
+    c.http(
+        "PATCH", "/api/v1/namespaces/ns3/services/my-service3", {"metadata": {"finalizers": None}}
+    )
+    c.wait(
+        lambda: c.condition("Accepted", "doomed") == ("False", "SourceServiceNotFound"),
+        "doomed: SourceServiceNotFound once ns3 is gone",
+    )
+
+
+def test_objects_not_ours_are_never_adopted_and_are_reported(cluster: Cluster) -> None:
+    c = cluster
+    ready_pods(c)
+    # A user's objects in the slots the seed's ExternalService would use.
+    c.kubectl(
+        "create", "configmap", "ext-connector-my-service1", "-n", "ns1", "--from-literal=owner=me"
+    )
+    c.kubectl(
+        "create", "secret", "generic", "ext-connector-my-service2-key", "-n", "ns2",
+        "--from-literal=password=hunter2",
+    )
+    c.kubectl(
+        "apply",
+        "-f",
+        "-",
+        stdin=yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "my-externalservice", "namespace": "external-services"},
+                "spec": {"selector": {"app": "mine"}, "ports": [{"port": 5432}]},
+            }
+        ),
+    )
+    slots = (
+        ("configmaps", "ns1", "ext-connector-my-service1"),
+        ("secrets", "ns2", "ext-connector-my-service2-key"),
+        ("services", "external-services", "my-externalservice"),
+    )
+    before = {slot: c.api.get_object("", "v1", *slot) for slot in slots}
+
+    c.kubectl("apply", "-f", "-", stdin=SEED)
+    c.wait(lambda: c.condition("Accepted") == ("False", "ForeignObject"), "ForeignObject")
+
+    def names_all_three() -> bool:
+        message = _message(c, "Accepted", "my-externalservice")
+        return all(
+            words in message
+            for words in (
+                "Service external-services/my-externalservice exists but is not managed",
+                "ConfigMap ns1/ext-connector-my-service1 exists but is not managed",
+                "Secret ns2/ext-connector-my-service2-key already exists",
+            )
+        )
+
+    c.wait(names_all_three, "the message to name the Service, the ConfigMap and the Secret")
+    c.wait(lambda: _warned(c, "my-externalservice", "ForeignObject"), "a Warning Event")
+    assert c.condition("Ready") == ("False", "ForeignObject")
+    # Left untouched: same content, same resourceVersion; no key issued into the ConfigMap's
+    # source namespace either (its key could not be recorded there).
+    for slot, obj in before.items():
+        assert c.api.get_object("", "v1", *slot) == obj, slot
+    assert c.api.get_object("", "v1", "secrets", "ns1", "ext-connector-my-service1-key") is None
+    log = (c.workdir / "operator.log").read_text()
+    assert log.count("ConfigMap ns1/ext-connector-my-service1 exists") == 1, log
+
+    # The user removes them (the Service last: a change the operator watches): it recovers.
+    c.kubectl("delete", "configmap", "ext-connector-my-service1", "-n", "ns1")
+    c.kubectl("delete", "secret", "ext-connector-my-service2-key", "-n", "ns2")
+    c.kubectl("delete", "service", "my-externalservice", "-n", "external-services")
+    c.wait(lambda: c.condition("Ready") == ("True", "TunnelsReady"), "Ready once they are gone")
+    cm = c.api.get_object("", "v1", "configmaps", "ns1", "ext-connector-my-service1")
+    assert cm is not None
+    assert cm["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "k8s-ext-connector"
+
+
+def test_a_source_ip_that_is_a_node_address_is_refused(cluster: Cluster) -> None:
+    c = cluster
+    ready_pods(c)
+
+    def addresses(address: str) -> None:  # the kubelet's part
+        c.http(
+            "PATCH",
+            "/api/v1/nodes/gw1/status",
+            {"status": {"addresses": [{"type": "InternalIP", "address": address},
+                                      {"type": "Hostname", "address": "gw1"}]}},
+        )
+
+    addresses("192.168.122.201")
+    c.kubectl("apply", "-f", "-", stdin=SEED)
+    c.wait(lambda: c.condition("Accepted") == ("False", "NodeAddress"), "NodeAddress")
+    message = _message(c, "Accepted", "my-externalservice")
+    assert message.startswith(
+        "spec.sources[1].sourceIP: 192.168.122.201 is an address of node gw1"
+    ), message
+    c.wait(lambda: _warned(c, "my-externalservice", "NodeAddress"), "a Warning Event")
+    gateway = c.api.get_object("", "v1", "configmaps", "external-services", "ext-connector-gateway")
+    assert gateway is not None
+    assert yaml.safe_load(gateway["data"]["gw1.yaml"])["sources"] == []
+    addresses("192.168.122.5")  # the node's address changes: nothing stands in the way now
+    c.wait(lambda: c.condition("Ready") == ("True", "TunnelsReady"), "Ready")

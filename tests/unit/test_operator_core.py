@@ -9,15 +9,20 @@ import pytest
 import yaml
 
 from k8s_ext_connector.core.api import ServiceRef
+from k8s_ext_connector.core.planner import Problem
 from k8s_ext_connector.operator.assign import assign_gateways, eligible_nodes
 from k8s_ext_connector.operator.desired import (
     GATEWAY_CONFIGMAP,
     KeyBook,
+    ObjectRef,
     OperatorSettings,
     Snapshot,
     compute,
     condition_events,
+    externalservice_label,
+    foreign_object,
     with_transition_times,
+    write_rejected,
 )
 from k8s_ext_connector.operator.leader import FORMAT, decide, lease_spec
 from k8s_ext_connector.operator.snapshot import (
@@ -329,6 +334,149 @@ def test_transition_times_and_events() -> None:
     assert [c["lastTransitionTime"] for c in merged] == ["T1", "T0"]
     assert condition_events(new, old) == [("Normal", "TunnelsReady", "ok")]
     assert condition_events(old, new) == [("Warning", "NoPods", "")]
+
+
+def test_node_record_keeps_internal_and_external_ips() -> None:
+    record = node_record({"metadata": {"name": "gw1"}, "status": {"addresses": [
+        {"type": "InternalIP", "address": "10.0.0.5"},
+        {"type": "ExternalIP", "address": "2001:DB8::5"},
+        {"type": "Hostname", "address": "gw1"},
+        {"type": "InternalDNS", "address": "gw1.internal"},
+        {"type": "InternalIP", "address": "not-an-ip"},
+    ]}})
+    assert record.addresses == ("10.0.0.5", "2001:db8::5")
+
+
+def _message(status: dict[str, Any], kind: str) -> str:
+    return str(next(c["message"] for c in status["conditions"] if c["type"] == kind))
+
+
+@pytest.mark.parametrize("name", ["db.prod", "1db", "a" * 64])
+def test_a_name_no_service_can_have_gets_nothing_and_spares_the_others(name: str) -> None:
+    bad = es_body(name=name, spec={**seed_spec(), "targetIP": "192.168.122.140", "sources": [
+        {"service": {"namespace": "ns1", "name": "my-service1"},
+         "sourceIP": "192.168.122.210"}]})
+    desired = compute(snapshot(es_body(), bad, pods=READY_PODS), KEYS, SETTINGS)
+    status = desired.statuses[ServiceRef("default", name)]
+    assert conditions(status)["Accepted"] == ("False", "InvalidName")
+    assert conditions(status)["Ready"] == ("False", "InvalidName")
+    assert _message(status, "Accepted").startswith(f"metadata.name: {name!r} is not a DNS-1035")
+    assert list(desired.services) == [("external-services", "my-externalservice")]
+    gw1 = yaml.safe_load(desired.configmaps[("external-services", GATEWAY_CONFIGMAP)]["data"]
+                         ["gw1.yaml"])
+    assert "192.168.122.210" not in [s["sourceIP"] for s in gw1["sources"]]
+    assert conditions(desired.statuses[ServiceRef("default", "my-externalservice")])[
+        "Ready"] == ("True", "TunnelsReady")
+    assert ("Warning", "InvalidName", _message(status, "Accepted")) in condition_events(
+        status["conditions"], [])
+
+
+def test_an_invalid_name_and_an_invalid_spec_are_both_reported() -> None:
+    desired = compute(snapshot(es_body(name="db.prod", spec={"targetIP": "x"})), KEYS, SETTINGS)
+    status = desired.statuses[ServiceRef("default", "db.prod")]
+    assert conditions(status)["Accepted"] == ("False", "InvalidName")
+    assert "metadata.name: 'db.prod'" in _message(status, "Accepted")
+    assert "spec.targetIP: 'x'" in _message(status, "Accepted")
+
+
+@pytest.mark.parametrize(
+    ("name", "spec"),
+    [
+        pytest.param("db.prod", seed_spec(), id="invalid-name"),
+        pytest.param("my-externalservice", {**seed_spec(), "targetIP": "127.0.0.1"},
+                     id="loopback-target"),
+    ],
+)
+def test_nothing_is_written_for_an_es_refused_for_its_spec(name: str,
+                                                           spec: dict[str, Any]) -> None:
+    desired = compute(snapshot(es_body(name=name, spec=spec), pods=READY_PODS), KeyBook(),
+                      SETTINGS)
+    assert desired.services == {}
+    assert desired.needs_client_keys == ()  # no key Secret, no sidecar ConfigMap
+    assert set(desired.configmaps) == {("external-services", GATEWAY_CONFIGMAP)}
+    assert conditions(desired.statuses[ServiceRef("default", name)])["Accepted"][0] == "False"
+
+
+def test_the_connector_service_label_fits_a_label_value() -> None:
+    assert externalservice_label(ServiceRef("default", "db")) == "default.db"
+    long_ns, long_name = "n" * 40, "s" * 40
+    value = externalservice_label(ServiceRef(long_ns, long_name))
+    assert len(value) == 63
+    assert value.startswith(f"{long_ns}.")
+    assert value[-1].isalnum()
+    assert value != externalservice_label(ServiceRef(long_ns, long_name[:-1] + "t"))
+    desired = compute(snapshot(es_body(name="s" * 63, namespace="n" * 63)), KEYS, SETTINGS)
+    (service,) = desired.services.values()
+    label = service["metadata"]["labels"]["ext-connector.submariner.io/externalservice"]
+    assert len(label) <= 63
+
+
+def test_a_reserved_target_is_refused_in_status() -> None:
+    spec = {**seed_spec(), "targetIP": "169.254.169.254"}
+    desired = compute(snapshot(es_body(spec=spec), pods=READY_PODS), KEYS, SETTINGS)
+    status = desired.statuses[ServiceRef("default", "my-externalservice")]
+    assert conditions(status)["Accepted"] == ("False", "ReservedAddress")
+    assert _message(status, "Accepted").startswith("spec.targetIP: 169.254.169.254 is a "
+                                                   "link-local address")
+
+
+def test_a_source_ip_that_is_a_node_address_is_refused_in_status() -> None:
+    gw1 = node_record({"metadata": {"name": "gw1", "labels": dict([LABEL])}, "status": {
+        "conditions": [{"type": "Ready", "status": "True"}],
+        "addresses": [{"type": "InternalIP", "address": "192.168.122.200"}]}})
+    desired = compute(snapshot(es_body(), nodes=(gw1,), pods=READY_PODS), KEYS, SETTINGS)
+    status = desired.statuses[ServiceRef("default", "my-externalservice")]
+    assert conditions(status)["Accepted"] == ("False", "NodeAddress")
+    assert _message(status, "Accepted").startswith(
+        "spec.sources[0].sourceIP: 192.168.122.200 is an address of node gw1")
+
+
+def test_a_foreign_service_in_the_connector_slot_is_left_alone_and_reported() -> None:
+    snap = snapshot(es_body(), pods=READY_PODS, connector_ip=False)
+    foreign = svc("external-services", "my-externalservice", "10.96.0.99")  # no label
+    snap = Snapshot(snap.externalservices, {**snap.services, foreign.ref: foreign}, snap.nodes,
+                    snap.pods)
+    desired = compute(snap, KEYS, SETTINGS)
+    assert desired.services == {}
+    status = desired.statuses[ServiceRef("default", "my-externalservice")]
+    assert conditions(status)["Accepted"] == ("False", "ForeignObject")
+    assert _message(status, "Accepted").startswith(
+        "Service external-services/my-externalservice exists but is not managed by "
+        "k8s-ext-connector")
+    assert status["clusterIP"] == ""  # the foreign Service's address is never intercepted
+    sidecar = yaml.safe_load(desired.configmaps[("ns1", "ext-connector-my-service1")]["data"]
+                             ["sidecar.yaml"])
+    assert sidecar["rules"] == []
+
+
+def test_refused_writes_are_reported_on_the_externalservices_that_need_the_object() -> None:
+    other = es_body(name="other", spec={**seed_spec(), "targetIP": "192.168.122.140", "sources": [
+        {"service": {"namespace": "ns2", "name": "my-service2"},
+         "sourceIP": "192.168.122.211"}]})
+    snap = snapshot(es_body(), other, pods=READY_PODS)
+    cm: ObjectRef = ("ConfigMap", "ns1", "ext-connector-my-service1")
+    problem = foreign_object(cm)
+    desired = compute(snap, KEYS, SETTINGS, {cm: problem})
+    seed = desired.statuses[ServiceRef("default", "my-externalservice")]
+    assert conditions(seed)["Accepted"] == ("False", "ForeignObject")
+    assert _message(seed, "Accepted") == problem
+    assert seed["ready"] == "0/2"
+    # "other" does not use my-service1: unaffected, and nothing else changes for anyone.
+    assert conditions(desired.statuses[ServiceRef("default", "other")])["Accepted"] == (
+        "True", "Valid")
+    assert desired.services == compute(snap, KEYS, SETTINGS).services
+    assert desired.configmaps == compute(snap, KEYS, SETTINGS).configmaps
+
+    gateway: ObjectRef = ("ConfigMap", "external-services", GATEWAY_CONFIGMAP)
+    refused = write_rejected("update", gateway, "HTTP 422 Invalid: too big")
+    assert refused == ("the API server refused to update ConfigMap "
+                       "external-services/ext-connector-gateway: HTTP 422 Invalid: too big")
+    everyone = compute(snap, KEYS, SETTINGS, {gateway: refused})
+    for name in ("my-externalservice", "other"):
+        assert conditions(everyone.statuses[ServiceRef("default", name)])["Accepted"] == (
+            "False", "WriteRejected")
+    nobody = compute(snap, KEYS, SETTINGS, {("Service", "x", "y"): Problem("WriteRejected", "")})
+    assert nobody.statuses == compute(snap, KEYS, SETTINGS).statuses
 
 
 # ---- leader election ------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import ipaddress
 from typing import Any
 
 import pytest
@@ -21,7 +22,10 @@ from k8s_ext_connector.core.config import (
 )
 from k8s_ext_connector.core.planner import (
     INGRESS_CONFLICT,
+    INVALID_NAME,
     NO_INGRESS_PORTS,
+    NODE_ADDRESS,
+    RESERVED_ADDRESS,
     ClusterFacts,
     KeyMaterial,
     Plan,
@@ -471,3 +475,102 @@ def test_target_and_source_ip_of_different_families_warn() -> None:
     (warning,) = plan([es], FACTS, KEYS).warnings[es.ref]
     assert warning.reason == INGRESS_CONFLICT
     assert "different address families" in warning
+
+
+# --- names and addresses no ExternalService may have (W8, W1) ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("db.prod", id="dotted"),
+        pytest.param("1db", id="leading-digit"),
+        pytest.param("a" * 64, id="64-characters"),
+        pytest.param("db-", id="trailing-dash"),
+    ],
+)
+def test_a_name_no_service_can_have_is_refused_and_spares_the_others(name: str) -> None:
+    bad = _es(name, [(SVC1, IP1)])
+    good = _es("es2", [(SVC2, IP2)])
+    result = plan([bad, good], FACTS, KEYS)
+    (problem,) = result.problems[bad.ref]
+    assert problem.reason == INVALID_NAME
+    assert problem.startswith(f"metadata.name: {name!r} is not a DNS-1035 label")
+    assert list(result.sidecars) == [SVC2]
+    assert [s.source_ip for s in result.gateway.sources] == [IP2]
+
+
+def test_the_longest_valid_name_is_accepted() -> None:
+    es = _es("a" * 63, [(SVC1, IP1)])
+    assert plan([es], FACTS, KEYS).problems == {}
+
+
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [
+        pytest.param("127.0.0.1", "a loopback address", id="loopback"),
+        pytest.param("127.1.2.3", "a loopback address", id="loopback-8"),
+        pytest.param("::1", "a loopback address", id="loopback-v6"),
+        pytest.param("::ffff:127.0.0.1", "a loopback address", id="loopback-v4-mapped"),
+        pytest.param("169.254.169.254", "a link-local address", id="cloud-metadata"),
+        pytest.param("fe80::1", "a link-local address", id="link-local-v6"),
+        pytest.param("0.0.0.0", "the unspecified address", id="unspecified"),
+        pytest.param("::", "the unspecified address", id="unspecified-v6"),
+        pytest.param("0.1.2.3", "a 'this network' address", id="this-network"),
+        pytest.param("224.0.0.1", "a multicast address", id="multicast"),
+        pytest.param("ff02::1", "a multicast address", id="multicast-v6"),
+        pytest.param("255.255.255.255", "the broadcast address", id="broadcast"),
+    ],
+)
+def test_reserved_target_and_source_addresses_are_refused(address: str, kind: str) -> None:
+    canonical = str(ipaddress.ip_address(address))
+    bad_target = _es("es1", [(SVC1, IP1)], target_ip=address)
+    bad_source = _es("es2", [(SVC2, IP2), (SVC3, address)], [{"port": 5432}])
+    good = _es("es3", [(SVC1, "192.168.122.202")], [{"port": 9000}])
+    # Every IP has a gateway: the address itself is the only problem.
+    keys = KeyMaterial(KEYS.client_keys, {**KEYS.gateway_host_keys, canonical: KEY_C,
+                                          "192.168.122.202": KEY_D})
+    result = plan([bad_target, bad_source, good], FACTS, keys)
+
+    (target_problem,) = result.problems[bad_target.ref]
+    assert target_problem.reason == RESERVED_ADDRESS
+    assert target_problem.startswith(f"spec.targetIP: {canonical} is {kind}")
+    assert "not to an external server" in target_problem
+    (source_problem,) = result.problems[bad_source.ref]
+    assert source_problem.reason == RESERVED_ADDRESS
+    assert source_problem.startswith(f"spec.sources[1].sourceIP: {canonical} is {kind}")
+    # Nothing of theirs is planned; the good one is.
+    assert list(result.sidecars) == [SVC1]
+    assert [r.name for r in result.sidecars[SVC1].rules] == ["default/es3:9000"]
+    assert [s.source_ip for s in result.gateway.sources] == ["192.168.122.202"]
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["10.0.0.1", "192.168.122.139", "2001:db8::1", "100.64.0.1", "172.16.0.1", "8.8.8.8",
+     "169.253.255.255", "169.255.0.1", "255.255.255.254"],
+)
+def test_ordinary_addresses_are_not_reserved(address: str) -> None:
+    es = _es("es1", [(SVC1, IP1)], target_ip=address)
+    assert plan([es], FACTS, KEYS).problems == {}
+
+
+def test_a_source_ip_that_is_a_node_address_is_refused() -> None:
+    facts = ClusterFacts(CONNECTORS, FACTS.source_services,
+                         node_addresses={IP2: "gw1", "10.0.0.5": "worker1"})
+    result = plan([SEED, _es("es1", [(SVC1, "192.168.122.202")], [{"port": 9000}])], facts,
+                  KeyMaterial(KEYS.client_keys,
+                              {**KEYS.gateway_host_keys, "192.168.122.202": KEY_D}))
+    (problem,) = result.problems[SEED.ref]
+    assert problem.reason == NODE_ADDRESS
+    assert problem.startswith("spec.sources[1].sourceIP: 192.168.122.201 is an address of "
+                              "node gw1")
+    assert list(result.problems) == [SEED.ref]
+    assert [s.source_ip for s in result.gateway.sources] == ["192.168.122.202"]
+
+
+def test_a_target_ip_that_is_a_node_address_is_not_refused_here() -> None:
+    # Only sourceIPs capture a node's traffic (the gateway's ingress filter); a node as
+    # the target is W1's cluster-CIDR question, left to admission policy.
+    facts = ClusterFacts(CONNECTORS, FACTS.source_services, node_addresses={TARGET: "gw1"})
+    assert plan([SEED], facts, KEYS).problems == {}

@@ -63,6 +63,13 @@ class ExternalPort:
 
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+# What a Service name must be (RFC 1035 label): an ExternalService's name becomes one.
+_DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def is_dns1035_label(value: str) -> bool:
+    """Whether ``value`` can name a Service: a-z, 0-9 and '-', a letter first, max 63."""
+    return bool(_DNS_1035_LABEL.fullmatch(value))
 
 
 def _dns_label(f: Fields, name: str) -> str:

@@ -277,6 +277,14 @@ class KubeClient:
             "application/merge-patch+json",
         )
 
+    async def json_patch(
+        self, resource: Resource, namespace: str | None, name: str, ops: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """RFC 6902 patch: all operations or none; a failed ``test`` answers 422."""
+        return await self._call(
+            "PATCH", resource.path(namespace, name), ops, "application/json-patch+json"
+        )
+
     async def delete(self, resource: Resource, namespace: str | None, name: str) -> None:
         with contextlib.suppress(NotFound):
             await self._call("DELETE", resource.path(namespace, name))

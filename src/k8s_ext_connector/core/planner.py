@@ -13,9 +13,11 @@ This is the one place where the seed's semantics live:
   source Service, is relayed by the gateway to that Service's ``ClusterIP:<p>``; nobody
   else may connect there.
 
-The planner is pure. A problem with one ExternalService (a missing source service, a
-source IP claimed by two services for the same target port, ...) is reported for that
-ExternalService, which is left out of the plan; the others are planned as usual. Where two
+The planner is pure. A problem with one ExternalService (a name no Service can have, a
+targetIP or sourceIP that is loopback, link-local, unspecified, multicast or broadcast, a
+sourceIP that is a node's own address, a missing source service, a source IP claimed by
+two services for the same target port, ...) is reported for that ExternalService, which
+is left out of the plan; the others are planned as usual. Where two
 ExternalServices conflict, the one earlier in the input order keeps its claim (the operator
 passes them oldest first).
 
@@ -26,11 +28,12 @@ source IP) is a *warning*: the affected ingress entries are left out, the rest i
 
 from __future__ import annotations
 
+import ipaddress
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from k8s_ext_connector.core.api import ExternalService, ServiceRef
+from k8s_ext_connector.core.api import ExternalService, ServiceRef, is_dns1035_label
 from k8s_ext_connector.core.config import (
     DEFAULT_LISTEN_PORT,
     DEFAULT_SSH_PORT,
@@ -56,6 +59,11 @@ class Problem(str):
         return problem
 
 
+# Reasons of problems found in the spec alone (besides the parser's InvalidSpec).
+INVALID_NAME = "InvalidName"
+RESERVED_ADDRESS = "ReservedAddress"
+NODE_ADDRESS = "NodeAddress"
+
 # Reasons of warnings: ingress does not work (fully), egress is unaffected.
 NO_INGRESS_PORTS = "NoIngressPorts"
 INGRESS_CONFLICT = "IngressConflict"
@@ -78,6 +86,8 @@ class ClusterFacts:
     connector_ips: Mapping[ServiceRef, str]
     # Source Services that exist, by reference.
     source_services: Mapping[ServiceRef, SourceServiceFacts]
+    # Nodes' own addresses (InternalIP, ExternalIP, canonical text) -> node name.
+    node_addresses: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -256,6 +266,91 @@ def _intercepted(
     return tuple(dict.fromkeys(caught))
 
 
+def name_problem(name: str) -> Problem | None:
+    """Why ``name`` cannot be an ExternalService's name, if it cannot.
+
+    The CRD accepts any object name (a DNS subdomain: dots, a leading digit, up to 253
+    characters), but the connector Service is named after the ExternalService, and a
+    Service name must be a DNS-1035 label; the API server would refuse it (422).
+    """
+    if is_dns1035_label(name):
+        return None
+    return Problem(
+        INVALID_NAME,
+        f"metadata.name: {name!r} is not a DNS-1035 label (lowercase letters, digits and '-', "
+        "starting with a letter, ending with a letter or digit, at most 63 characters), so "
+        "no connector Service can be named after it; recreate the ExternalService under "
+        "such a name",
+    )
+
+
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
+_BROADCAST = ipaddress.ip_address("255.255.255.255")
+
+
+def address_problem(where: str, value: str) -> Problem | None:
+    """Why ``value`` (at field ``where``) can be neither a targetIP nor a sourceIP.
+
+    Loopback, link-local (including the cloud metadata address 169.254.169.254),
+    unspecified, multicast and broadcast addresses: from a gateway node (host network,
+    outside any NetworkPolicy) such a target reaches the node itself or its link, and such
+    a source is no address a server can answer or a gateway can hold. IPv4-mapped IPv6
+    addresses are judged by their IPv4 address.
+    """
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(value)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_unspecified or (isinstance(ip, ipaddress.IPv4Address) and ip in _THIS_NETWORK):
+        kind = "the unspecified address" if ip.is_unspecified else "a 'this network' address"
+    elif ip.is_loopback:
+        kind = "a loopback address"
+    elif ip.is_link_local:
+        kind = "a link-local address (cloud instance metadata lives there)"
+    elif ip.is_multicast:
+        kind = "a multicast address"
+    elif ip == _BROADCAST:
+        kind = "the broadcast address"
+    else:
+        return None
+    why = (
+        "the gateway node would connect to itself or its own link, not to an external server"
+        if where == "spec.targetIP"
+        else "no gateway can hold it and no server can answer to it"
+    )
+    return Problem(RESERVED_ADDRESS, f"{where}: {value} is {kind}; {why}")
+
+
+def spec_problems(
+    es: ExternalService, node_addresses: Mapping[str, str]
+) -> tuple[Problem, ...]:
+    """What is wrong with ``es`` whatever the other ExternalServices say: its name, its
+    addresses, and sourceIPs that are a node's own address (``node_addresses``: address ->
+    node name)."""
+    found: list[Problem] = []
+    invalid_name = name_problem(es.name)
+    if invalid_name is not None:
+        found.append(invalid_name)
+    target = address_problem("spec.targetIP", es.spec.target_ip)
+    if target is not None:
+        found.append(target)
+    for i, source in enumerate(es.spec.sources):
+        where = f"spec.sources[{i}].sourceIP"
+        reserved = address_problem(where, source.source_ip)
+        if reserved is not None:
+            found.append(reserved)
+        node = node_addresses.get(source.source_ip)
+        if node is not None:
+            found.append(
+                Problem(
+                    NODE_ADDRESS,
+                    f"{where}: {source.source_ip} is an address of node {node}; the gateway "
+                    "would filter that node's own traffic on it (SSH, kubelet, ...) and "
+                    "answer for the node: choose an address no node has",
+                )
+            )
+    return tuple(found)
+
+
 def _problems(
     es: ExternalService,
     facts: ClusterFacts,
@@ -265,7 +360,7 @@ def _problems(
     options: PlanOptions,
 ) -> tuple[Problem, ...]:
     """Everything that keeps ``es`` out of the plan, as user-facing sentences."""
-    found: list[Problem] = []
+    found: list[Problem] = list(spec_problems(es, facts.node_addresses))
     own_claims: dict[tuple[str, Endpoint], ServiceRef] = {}
     connector_ip = facts.connector_ips.get(es.ref)
     listed: dict[ServiceRef, int] = {}

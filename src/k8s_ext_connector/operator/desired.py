@@ -11,13 +11,21 @@ Objects owned (all labelled ``app.kubernetes.io/managed-by=k8s-ext-connector``):
 - one ConfigMap ``ext-connector-gateway`` in the connector namespace with ``<node>.yaml``
   per eligible gateway node, and the nodes' public host keys as an annotation.
 
-Private keys are not part of this module: ``keys.py`` issues them into Secrets.
+Private keys are not part of this module: the reconciler issues them into Secrets.
+
+An ExternalService whose name cannot name a Service (``InvalidName``), whose name another
+one already uses (``NameConflict``), or whose connector Service slot is taken by a Service
+we did not create (``ForeignObject``) gets no Service and is left out of the plan. Writes
+the API server refused (``failures``, filled in by the reconciler) are reported on the
+ExternalServices that own the object.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -25,12 +33,15 @@ from typing import Any
 from k8s_ext_connector.core.api import ServiceRef
 from k8s_ext_connector.core.config import GatewayConfig, SidecarConfig, SourceIPConfig, dump
 from k8s_ext_connector.core.planner import (
+    INVALID_NAME,
     ClusterFacts,
     KeyMaterial,
     PlanOptions,
     Problem,
     SourceServiceFacts,
+    name_problem,
     plan,
+    spec_problems,
 )
 from k8s_ext_connector.operator.assign import assign_gateways, eligible_nodes
 from k8s_ext_connector.operator.snapshot import (
@@ -49,6 +60,14 @@ GATEWAY_CONFIGMAP = "ext-connector-gateway"
 EXTERNALSERVICE_LABEL = "ext-connector.submariner.io/externalservice"
 SOURCE_LABEL = "ext-connector.submariner.io/source-service"
 MAX_PODS_NAMED = 5
+MAX_LABEL_VALUE = 63
+
+# Reasons of problems with the objects the operator writes (not with the spec itself).
+FOREIGN_OBJECT = "ForeignObject"
+WRITE_REJECTED = "WriteRejected"
+
+# (kind, namespace, name) of an object the operator writes, e.g. ("Service", ns, name).
+ObjectRef = tuple[str, str, str]
 
 
 @dataclass(frozen=True)
@@ -102,6 +121,52 @@ def managed_labels(**extra: str) -> dict[str, str]:
     return {MANAGED_BY_LABEL: MANAGED_BY, **extra}
 
 
+def externalservice_label(es: ServiceRef) -> str:
+    """``<namespace>.<name>`` of the ExternalService a connector Service serves, as a label
+    value: at most 63 characters, so a long pair is cut and made unique by a hash (the
+    API server would refuse the whole Service otherwise)."""
+    value = f"{es.namespace}.{es.name}"
+    if len(value) <= MAX_LABEL_VALUE:
+        return value
+    digest = hashlib.sha256(value.encode()).hexdigest()[:10]
+    return f"{value[: MAX_LABEL_VALUE - len(digest) - 1]}-{digest}"
+
+
+def foreign_object(ref: ObjectRef) -> Problem:
+    """A Service or ConfigMap in our slot without our label: never adopted or overwritten."""
+    kind, namespace, name = ref
+    fix = (
+        "delete it or give this ExternalService another name"
+        if kind == "Service"
+        else "delete or rename it (names starting with ext-connector- are the operator's)"
+    )
+    return Problem(
+        FOREIGN_OBJECT,
+        f"{kind} {namespace}/{name} exists but is not managed by k8s-ext-connector (no label "
+        f"{MANAGED_BY_LABEL}={MANAGED_BY}); the operator left it untouched: {fix}",
+    )
+
+
+def foreign_secret(ref: ObjectRef) -> Problem:
+    """A Secret in our slot that this operator did not just create: it cannot read it."""
+    kind, namespace, name = ref
+    return Problem(
+        FOREIGN_OBJECT,
+        f"{kind} {namespace}/{name} already exists; the operator never reads Secrets, so it "
+        "cannot tell who made it and left it untouched: without the label "
+        f"{MANAGED_BY_LABEL}={MANAGED_BY} it is someone else's (delete or rename it); with "
+        "it, it is a leftover of an interrupted key issue (delete it and a new key is issued)",
+    )
+
+
+def write_rejected(verb: str, ref: ObjectRef, error: object) -> Problem:
+    """A write the API server refused for good (a 4xx): retried when something changes."""
+    kind, namespace, name = ref
+    return Problem(
+        WRITE_REJECTED, f"the API server refused to {verb} {kind} {namespace}/{name}: {error}"
+    )
+
+
 @dataclass(frozen=True)
 class Desired:
     services: Mapping[tuple[str, str], dict[str, Any]]  # (namespace, name) -> manifest
@@ -116,12 +181,18 @@ def active(snapshot: Snapshot) -> list[ExternalServiceRecord]:
     return [es for es in snapshot.externalservices if not es.deleting]
 
 
-def referenced_services(snapshot: Snapshot) -> list[ServiceRef]:
-    """Source services of valid, live ExternalServices that exist: they need a client key."""
+def referenced_services(
+    snapshot: Snapshot, refused: Set[ServiceRef] = frozenset()
+) -> list[ServiceRef]:
+    """Source services of valid, live ExternalServices that exist: they need a client key.
+
+    ``refused``: ExternalServices whose spec alone is unacceptable (a name no Service can
+    have, a reserved or node address); nothing is written for them, not even a key.
+    """
     refs = {
         source.service
         for es in active(snapshot)
-        if es.spec is not None
+        if es.spec is not None and es.ref not in refused
         for source in es.spec.sources
         if source.service in snapshot.services
     }
@@ -137,26 +208,78 @@ def previous_assignment(snapshot: Snapshot) -> dict[str, str]:
     return previous
 
 
-def compute(snapshot: Snapshot, keys: KeyBook, settings: OperatorSettings) -> Desired:
+def _held(snapshot: Snapshot, settings: OperatorSettings) -> dict[ServiceRef, Problem]:
+    """ExternalServices that get no connector Service, and why: a name no Service can have,
+    a name an older ExternalService has, or a Service of that name that is not ours."""
+    held: dict[ServiceRef, Problem] = {}
+    name_owner: dict[str, ServiceRef] = {}
+    for es in active(snapshot):
+        invalid = name_problem(es.name)
+        if invalid is not None:
+            held[es.ref] = invalid  # never a claim: the API server would refuse the Service
+            continue
+        owner = name_owner.setdefault(es.name, es.ref)  # the oldest claim on a name wins
+        if owner != es.ref:
+            held[es.ref] = Problem(
+                "NameConflict",
+                f"metadata.name: {es.name!r} is already used by ExternalService {owner}; "
+                f"both would be {es.name}.{settings.connector_namespace}",
+            )
+            continue
+        existing = snapshot.services.get(ServiceRef(settings.connector_namespace, es.name))
+        if existing is not None and (MANAGED_BY_LABEL, MANAGED_BY) not in existing.labels:
+            held[es.ref] = foreign_object(("Service", settings.connector_namespace, es.name))
+    return held
+
+
+def object_owners(
+    snapshot: Snapshot,
+    settings: OperatorSettings,
+    assignment: Mapping[str, str | None],
+    held: Mapping[ServiceRef, Problem],
+) -> dict[ObjectRef, tuple[ServiceRef, ...]]:
+    """Each object the operator may write -> the ExternalServices that need it."""
+    owners: dict[ObjectRef, list[ServiceRef]] = defaultdict(list)
+    namespace = settings.connector_namespace
+    for es in active(snapshot):
+        if es.spec is None:
+            continue
+        if es.ref not in held:
+            owners[("Service", namespace, es.name)].append(es.ref)
+        owners[("ConfigMap", namespace, GATEWAY_CONFIGMAP)].append(es.ref)
+        for source in es.spec.sources:
+            service = source.service
+            owners[("ConfigMap", service.namespace, sidecar_configmap_name(service))].append(
+                es.ref
+            )
+            owners[("Secret", service.namespace, client_secret_name(service))].append(es.ref)
+            node = assignment.get(source.source_ip)
+            if node is not None:
+                owners[("Secret", namespace, host_key_secret_name(node))].append(es.ref)
+    return {ref: tuple(dict.fromkeys(refs)) for ref, refs in owners.items()}
+
+
+def compute(
+    snapshot: Snapshot,
+    keys: KeyBook,
+    settings: OperatorSettings,
+    failures: Mapping[ObjectRef, Problem] | None = None,
+) -> Desired:
+    """Every object to own and every status; ``failures``: writes the API server refused
+    in this pass, reported on the ExternalServices that own those objects."""
     live = active(snapshot)
     gateways = eligible_nodes(snapshot.nodes, settings.gateway_label)
     source_ips = [s.source_ip for es in live if es.spec for s in es.spec.sources]
     assignment = assign_gateways(source_ips, gateways, previous_assignment(snapshot))
 
-    # Connector Services: one per ExternalService name; the oldest claim on a name wins.
-    name_owner: dict[str, ServiceRef] = {}
-    name_conflicts: dict[ServiceRef, Problem] = {}
-    for es in live:
-        owner = name_owner.setdefault(es.name, es.ref)
-        if owner != es.ref:
-            name_conflicts[es.ref] = Problem(
-                "NameConflict",
-                f"metadata.name: {es.name!r} is already used by ExternalService {owner}; "
-                f"both would be {es.name}.{settings.connector_namespace}",
-            )
+    # Nothing at all is written for an ExternalService whose spec alone is unacceptable.
+    node_addresses = {address: node.name for node in snapshot.nodes for address in node.addresses}
+    refused = {es.ref for es in live if es.parsed and spec_problems(es.parsed, node_addresses)}
+    # Connector Services: one per ExternalService that may have one.
+    held = _held(snapshot, settings)
     services: dict[tuple[str, str], dict[str, Any]] = {}
     for es in live:
-        if es.spec is not None and es.ref not in name_conflicts:
+        if es.spec is not None and es.ref not in held and es.ref not in refused:
             services[(settings.connector_namespace, es.name)] = _connector_service(es, settings)
 
     connector_ips = {
@@ -172,13 +295,14 @@ def compute(snapshot: Snapshot, keys: KeyBook, settings: OperatorSettings) -> De
             ref: SourceServiceFacts(record.cluster_ip, record.tcp_ports)
             for ref, record in snapshot.services.items()
         },
+        node_addresses=node_addresses,
     )
     host_keys = {
         ip: keys.hosts[node]
         for ip, node in assignment.items()
         if node is not None and node in keys.hosts
     }
-    plannable = [es.parsed for es in live if es.parsed and es.ref not in name_conflicts]
+    plannable = [es.parsed for es in live if es.parsed and es.ref not in held]
     result = plan(
         [es for es in plannable if es is not None],
         facts,
@@ -187,7 +311,7 @@ def compute(snapshot: Snapshot, keys: KeyBook, settings: OperatorSettings) -> De
     )
 
     configmaps: dict[tuple[str, str], dict[str, Any]] = {}
-    for service in referenced_services(snapshot):
+    for service in referenced_services(snapshot, refused):
         if service not in keys.clients:
             continue
         config = result.sidecars.get(
@@ -200,14 +324,26 @@ def compute(snapshot: Snapshot, keys: KeyBook, settings: OperatorSettings) -> De
         result.gateway, assignment, gateways, keys, settings
     )
 
+    # Problems of ExternalServices held back (not planned): the reason they are held,
+    # then whatever else their spec alone shows.
+    problems = dict(result.problems)
+    for es_ref, reason in held.items():
+        parsed = next((es.parsed for es in live if es.ref == es_ref), None)
+        extra = spec_problems(parsed, node_addresses) if parsed is not None else ()
+        problems[es_ref] = tuple(dict.fromkeys((reason, *extra)))
+    # Writes refused in this pass, on the ExternalServices that need those objects.
+    owners = object_owners(snapshot, settings, assignment, held) if failures else {}
+    for object_ref, problem in sorted((failures or {}).items()):
+        for es_ref in owners.get(object_ref, ()):
+            problems[es_ref] = tuple(dict.fromkeys((*problems.get(es_ref, ()), problem)))
     statuses = {
         es.ref: _status(
             es,
             snapshot,
-            result.problems,
+            problems,
             result.warnings.get(es.ref, ()),
             result.gateway,
-            name_conflicts,
+            held,
             connector_ips,
             assignment,
             settings,
@@ -219,7 +355,9 @@ def compute(snapshot: Snapshot, keys: KeyBook, settings: OperatorSettings) -> De
         configmaps=configmaps,
         statuses=statuses,
         assignment=assignment,
-        needs_client_keys=tuple(s for s in referenced_services(snapshot) if s not in keys.clients),
+        needs_client_keys=tuple(
+            s for s in referenced_services(snapshot, refused) if s not in keys.clients
+        ),
         needs_host_keys=tuple(n for n in gateways if n not in keys.hosts),
     )
 
@@ -232,7 +370,7 @@ def _connector_service(es: ExternalServiceRecord, settings: OperatorSettings) ->
         "metadata": {
             "name": es.name,
             "namespace": settings.connector_namespace,
-            "labels": managed_labels(**{EXTERNALSERVICE_LABEL: f"{es.namespace}.{es.name}"}),
+            "labels": managed_labels(**{EXTERNALSERVICE_LABEL: externalservice_label(es.ref)}),
         },
         "spec": {
             "type": "ClusterIP",
@@ -303,21 +441,23 @@ def _status(
     problems: Mapping[ServiceRef, tuple[Problem, ...]],
     warnings: Sequence[Problem],
     planned: GatewayConfig,
-    name_conflicts: Mapping[ServiceRef, Problem],
+    held: Mapping[ServiceRef, Problem],
     connector_ips: Mapping[ServiceRef, str],
     assignment: Mapping[str, str | None],
     settings: OperatorSettings,
 ) -> dict[str, Any]:
     status: dict[str, Any] = {"observedGeneration": es.generation}
     if es.spec is None:
-        accepted = _condition("Accepted", False, "InvalidSpec", es.invalid)
-        ready = _condition("Ready", False, "InvalidSpec", "fix the spec: " + es.invalid)
+        name = held.get(es.ref)
+        both = [name] if name is not None and name.reason == INVALID_NAME else []
+        both.append(Problem("InvalidSpec", es.invalid))
+        message = "; ".join(both)
+        accepted = _condition("Accepted", False, both[0].reason, message)
+        ready = _condition("Ready", False, both[0].reason, "fix the spec: " + message)
         status.update(sourceCount=0, ready="0/0", conditions=[accepted, ready], sources=[])
         return status
 
-    found = list(problems.get(es.ref, ())) + (
-        [name_conflicts[es.ref]] if es.ref in name_conflicts else []
-    )
+    found = list(problems.get(es.ref, ()))
     # A missing host key only means the gateway is not assigned yet: GatewayAssigned says so.
     # Ingress warnings are not in ``found``: egress works without ingress, so they show in
     # the Ingress condition only, never in Accepted or Ready.

@@ -63,7 +63,12 @@ CLUSTER_RULES: tuple[Rule, ...] = (
         ("list", "watch", "create", "patch", "delete"),
         "own sidecar and gateway configs (label-selected watch)",
     ),
-    Rule("", "secrets", ("create", "update", "delete"), "issue SSH keys; never read back"),
+    Rule(
+        "",
+        "secrets",
+        ("create", "delete"),
+        "issue SSH keys; never read back nor overwritten (a name taken is reported)",
+    ),
     Rule("", "pods", ("list", "watch"), "count selected pods and ready sidecars"),
     Rule("", "nodes", ("list", "watch"), "find Ready gateway nodes"),
     Rule("", "events", ("create",), "explain conditions in kubectl describe"),

@@ -5,6 +5,18 @@ source service's sidecar config combine several of them. Changes are coalesced: 
 event marks the world dirty and one pass runs shortly after. A pass writes only what
 differs, so a rerun is a no-op. Transient API errors retry with backoff; an invalid spec
 is a status, not an error, so it is never retried in a loop.
+
+Writes fail one object at a time. A write the API server refuses for good (a 4xx: an
+invalid object, a namespace being deleted, ...) is logged once, reported on the
+ExternalServices that need that object (condition and Warning Event) and the pass goes on
+with the others; it is tried again on the next pass (any change, or ``RECHECK`` seconds).
+
+The operator never adopts an object it did not create. When a create meets an existing
+object (409), a JSON patch whose only operation tests our managed-by label tells, without
+reading the object, whether it is ours (the cache had not seen it yet: patch it) or not
+(422: leave it untouched and report it). Secrets cannot be checked that way without being
+read (a successful patch returns the object), so a Secret in the way is always reported
+and never replaced.
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from enum import Enum
 from typing import Any
 
 from k8s_ext_connector.certs.ssh import generate_key_pair
@@ -31,22 +44,31 @@ from k8s_ext_connector.core.kube import (
     Conflict,
     KubeClient,
     NotFound,
+    Resource,
 )
+from k8s_ext_connector.core.planner import Problem
 from k8s_ext_connector.operator.desired import (
     GATEWAY_CONFIGMAP,
     SOURCE_LABEL,
     KeyBook,
+    ObjectRef,
     OperatorSettings,
     Snapshot,
     client_secret_name,
     compute,
     condition_events,
+    foreign_object,
+    foreign_secret,
     host_key_secret_name,
     managed_labels,
+    sidecar_configmap_name,
     with_transition_times,
+    write_rejected,
 )
 from k8s_ext_connector.operator.snapshot import (
     HOST_KEYS_ANNOTATION,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
     PUBLIC_KEY_ANNOTATION,
     ManagedConfigMap,
     ServiceRecord,
@@ -56,6 +78,15 @@ from k8s_ext_connector.operator.snapshot import (
 log = logging.getLogger(__name__)
 DEBOUNCE = 0.05
 BACKOFF_MAX = 30.0
+RECHECK = 60.0  # refused writes are tried again after this long even if nothing changed
+# RFC 6901 pointer to our managed-by label ("/" in a key is written "~1").
+MANAGED_BY_POINTER = "/metadata/labels/" + MANAGED_BY_LABEL.replace("~", "~0").replace("/", "~1")
+
+
+class Ownership(Enum):
+    ABSENT = "absent"
+    OURS = "ours"
+    FOREIGN = "foreign"
 
 
 @dataclass
@@ -77,9 +108,29 @@ class Reconciler:
     _issued_clients: dict[ServiceRef, str] = field(default_factory=dict)
     _issued_hosts: dict[str, str] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Writes refused in the current pass, and what has been logged already (once each).
+    _failures: dict[ObjectRef, Problem] = field(default_factory=dict)
+    _logged: dict[ObjectRef, str] = field(default_factory=dict)
+    _recheck: asyncio.TimerHandle | None = None
 
     def trigger(self) -> None:
         self._dirty.set()
+
+    def _fail(self, ref: ObjectRef, problem: Problem) -> None:
+        """Record a refused write for this pass's statuses; log it once, not every pass."""
+        self._failures[ref] = problem
+        if self._logged.get(ref) != str(problem):
+            self._logged[ref] = str(problem)
+            log.warning("%s: %s", problem.reason, problem)
+
+    def _schedule_recheck(self) -> None:
+        """Refused writes may be fixed by something no watch shows us (an unlabelled
+        ConfigMap deleted): try again later, even if nothing we watch changes."""
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
+        if self._failures:
+            self._recheck = asyncio.get_running_loop().call_later(RECHECK, self.trigger)
 
     @property
     def passes(self) -> int:
@@ -94,6 +145,7 @@ class Reconciler:
             try:
                 await self.reconcile_exclusive()
                 backoff = 0.5
+                self._schedule_recheck()
             except (TransientError, ApiError) as error:
                 log.warning("reconcile failed, retrying in %.1fs: %s", backoff, error)
                 await asyncio.sleep(backoff)
@@ -129,6 +181,7 @@ class Reconciler:
     async def reconcile_once(self, deleting: ServiceRef | None = None) -> None:
         self._passes += 1
         log.debug("reconcile pass %d", self._passes)
+        self._failures = {}
         snapshot = self.observed.snapshot()
         if deleting is not None:
             snapshot = replace(
@@ -139,10 +192,15 @@ class Reconciler:
         keys = self._keybook(configmaps)
         desired = compute(snapshot, keys, self.settings)
         if desired.needs_client_keys or desired.needs_host_keys:
+            observed_cms = {(cm.namespace, cm.name) for cm in configmaps}
             for service in desired.needs_client_keys:
-                self._issued_clients[service] = await self._issue_client_key(service)
+                client_key = await self._issue_client_key(service, observed_cms)
+                if client_key is not None:
+                    self._issued_clients[service] = client_key
             for node in desired.needs_host_keys:
-                self._issued_hosts[node] = await self._issue_host_key(node)
+                host_key = await self._issue_host_key(node)
+                if host_key is not None:
+                    self._issued_hosts[node] = host_key
             keys = self._keybook(configmaps)
             desired = compute(snapshot, keys, self.settings)
 
@@ -153,12 +211,85 @@ class Reconciler:
             snapshot = replace(snapshot, services={**snapshot.services, **created})
             desired = compute(snapshot, keys, self.settings)
         await self._apply_configmaps(desired.configmaps, configmaps)
-        await self._apply_statuses(snapshot, desired.statuses)
+        statuses = desired.statuses
+        if self._failures:  # refused writes show on the ExternalServices that need them
+            statuses = compute(snapshot, keys, self.settings, self._failures).statuses
+        await self._apply_statuses(snapshot, statuses)
+        for ref in set(self._logged) - set(self._failures):
+            del self._logged[ref]  # written (or no longer wanted): log it again if it recurs
+
+    # ---- ownership ----------------------------------------------------------------------
+    async def _ownership(self, resource: Resource, ref: ObjectRef) -> Ownership:
+        """Whether a Service or ConfigMap is ours, without reading it (no ``get`` needed):
+        a JSON patch of one ``test`` operation on our label changes nothing; the API
+        server answers 422 when the test fails and 404 when there is no such object."""
+        _, namespace, name = ref
+        try:
+            await self.client.json_patch(
+                resource,
+                namespace,
+                name,
+                [{"op": "test", "path": MANAGED_BY_POINTER, "value": MANAGED_BY}],
+            )
+        except NotFound:
+            return Ownership.ABSENT
+        except ApiError as error:
+            if error.status == 422:
+                return Ownership.FOREIGN
+            raise
+        return Ownership.OURS
+
+    async def _create(
+        self, resource: Resource, ref: ObjectRef, manifest: dict[str, Any]
+    ) -> tuple[dict[str, Any] | None, bool]:
+        """Create ``ref``: (the created object or None, whether an object of ours already
+        exists that the caller should patch). Refusals and foreign objects are recorded."""
+        _, namespace, _ = ref
+        try:
+            return await self.client.create(resource, namespace, manifest), False
+        except Conflict:
+            pass
+        except ApiError as error:
+            self._fail(ref, write_rejected("create", ref, error))
+            return None, False
+        try:
+            ownership = await self._ownership(resource, ref)
+        except ApiError as error:
+            self._fail(ref, write_rejected("check the labels of", ref, error))
+            return None, False
+        if ownership is Ownership.FOREIGN:
+            self._fail(ref, foreign_object(ref))
+        elif ownership is Ownership.ABSENT:
+            self.trigger()  # gone meanwhile: the next pass creates it
+        return None, ownership is Ownership.OURS
+
+    async def _patch(self, resource: Resource, ref: ObjectRef, patch: dict[str, Any]) -> bool:
+        _, namespace, name = ref
+        try:
+            await self.client.merge_patch(resource, namespace, name, patch)
+        except NotFound:
+            self.trigger()  # deleted since the cache saw it: the next pass creates it
+            return False
+        except ApiError as error:
+            self._fail(ref, write_rejected("update", ref, error))
+            return False
+        return True
+
+    async def _delete(self, resource: Resource, ref: ObjectRef) -> bool:
+        _, namespace, name = ref
+        try:
+            await self.client.delete(resource, namespace, name)  # a 404 is success
+        except ApiError as error:
+            self._fail(ref, write_rejected("delete", ref, error))
+            return False
+        return True
 
     # ---- keys -------------------------------------------------------------------------
-    async def _write_secret(
-        self, namespace: str, name: str, private: bytes, labels: dict[str, str]
-    ) -> None:
+    async def _write_secret(self, ref: ObjectRef, private: bytes, labels: dict[str, str]) -> bool:
+        """Create a key Secret; never replace one. The operator cannot read Secrets, so an
+        existing one is someone else's as far as it can tell (it may be a leftover of a
+        pass that died before recording its public key): reported, left untouched."""
+        _, namespace, name = ref
         body = {
             "apiVersion": "v1",
             "kind": "Secret",
@@ -169,29 +300,46 @@ class Reconciler:
         try:
             await self.client.create(SECRETS, namespace, body)
         except Conflict:
-            # A leftover from a pass that died before recording its public key: we cannot
-            # (and need not) read it, so replace it with the key we are about to record.
-            await self.client.replace(SECRETS, namespace, name, body)
+            self._fail(ref, foreign_secret(ref))
+            return False
+        except ApiError as error:
+            self._fail(ref, write_rejected("create", ref, error))
+            return False
+        return True
 
-    async def _issue_client_key(self, service: ServiceRef) -> str:
+    async def _issue_client_key(
+        self, service: ServiceRef, observed_cms: set[tuple[str, str]]
+    ) -> str | None:
+        """A new key for ``service`` in its Secret; None if the Secret or the ConfigMap
+        that records the key cannot be ours (no key is issued into a slot we cannot use)."""
+        cm: ObjectRef = ("ConfigMap", service.namespace, sidecar_configmap_name(service))
+        if (service.namespace, cm[2]) not in observed_cms:
+            try:
+                ownership = await self._ownership(CONFIGMAPS, cm)
+            except ApiError as error:
+                self._fail(cm, write_rejected("check the labels of", cm, error))
+                return None
+            if ownership is Ownership.FOREIGN:
+                self._fail(cm, foreign_object(cm))
+                return None
         pair = generate_key_pair()
-        await self._write_secret(
-            service.namespace,
-            client_secret_name(service),
-            pair.private_openssh,
-            managed_labels(**{SOURCE_LABEL: service.name}),
-        )
+        secret: ObjectRef = ("Secret", service.namespace, client_secret_name(service))
+        if not await self._write_secret(
+            secret, pair.private_openssh, managed_labels(**{SOURCE_LABEL: service.name})
+        ):
+            return None
         log.info("issued client key for %s", service)
         return pair.public_openssh
 
-    async def _issue_host_key(self, node: str) -> str:
+    async def _issue_host_key(self, node: str) -> str | None:
         pair = generate_key_pair()
-        await self._write_secret(
+        secret: ObjectRef = (
+            "Secret",
             self.settings.connector_namespace,
             host_key_secret_name(node),
-            pair.private_openssh,
-            managed_labels(),
         )
+        if not await self._write_secret(secret, pair.private_openssh, managed_labels()):
+            return None
         log.info("issued gateway host key for node %s", node)
         return pair.public_openssh
 
@@ -203,34 +351,31 @@ class Reconciler:
         created: dict[ServiceRef, ServiceRecord] = {}
         observed = {(s.ref.namespace, s.ref.name): s for s in self.observed.managed_services()}
         for (namespace, name), manifest in desired.items():
+            ref: ObjectRef = ("Service", namespace, name)
             current = observed.get((namespace, name))
             wanted_ports = tuple(p["port"] for p in manifest["spec"]["ports"])
             if current is None:
-                try:
-                    body = await self.client.create(SERVICES, namespace, manifest)
+                body, ours = await self._create(SERVICES, ref, manifest)
+                if body is not None:
                     record = service_record(body)
                     created[record.ref] = record
                     log.info("created Service %s/%s", namespace, name)
+                if not ours:
                     continue
-                except Conflict:
-                    pass  # exists but not yet in our cache (or lost its label): patch it
+                # else ours, but not in the cache yet: patch it like any other
             elif current.ports == wanted_ports and set(
                 manifest["metadata"]["labels"].items()
             ) <= set(current.labels):
                 continue
-            await self.client.merge_patch(
-                SERVICES,
-                namespace,
-                name,
-                {
-                    "metadata": {"labels": manifest["metadata"]["labels"]},
-                    "spec": {"ports": manifest["spec"]["ports"]},
-                },
-            )
-            log.info("updated Service %s/%s", namespace, name)
-        for key in sorted(set(observed) - set(desired)):
-            await self.client.delete(SERVICES, *key)
-            log.info("deleted Service %s/%s", *key)
+            patch = {
+                "metadata": {"labels": manifest["metadata"]["labels"]},
+                "spec": {"ports": manifest["spec"]["ports"]},
+            }
+            if await self._patch(SERVICES, ref, patch):
+                log.info("updated Service %s/%s", namespace, name)
+        for namespace, name in sorted(set(observed) - set(desired)):
+            if await self._delete(SERVICES, ("Service", namespace, name)):
+                log.info("deleted Service %s/%s", namespace, name)
         return created
 
     async def _apply_configmaps(
@@ -240,39 +385,38 @@ class Reconciler:
     ) -> None:
         observed = {(cm.namespace, cm.name): cm for cm in observed_list}
         for (namespace, name), manifest in desired.items():
+            ref: ObjectRef = ("ConfigMap", namespace, name)
             current = observed.get((namespace, name))
             data = manifest["data"]
             annotations = manifest["metadata"]["annotations"]
             if current is None:
-                try:
-                    await self.client.create(CONFIGMAPS, namespace, manifest)
+                _, ours = await self._create(CONFIGMAPS, ref, manifest)
+                if not ours:
                     continue
-                except Conflict:
-                    pass
+                # else ours, but not in the cache yet: patch it like any other
             elif dict(current.data) == data and set(annotations.items()) <= set(
                 current.annotations
             ):
                 continue
             removed = {k: None for k in dict(current.data) if k not in data} if current else {}
-            await self.client.merge_patch(
-                CONFIGMAPS,
-                namespace,
-                name,
-                {
-                    "metadata": {
-                        "labels": manifest["metadata"]["labels"],
-                        "annotations": annotations,
-                    },
-                    "data": {**removed, **data},
+            patch = {
+                "metadata": {
+                    "labels": manifest["metadata"]["labels"],
+                    "annotations": annotations,
                 },
-            )
+                "data": {**removed, **data},
+            }
+            await self._patch(CONFIGMAPS, ref, patch)
         for namespace, name in sorted(set(observed) - set(desired)):
-            await self.client.delete(CONFIGMAPS, namespace, name)
+            # The key first: while the ConfigMap stays, a failed delete is tried again.
             source = dict(observed[(namespace, name)].labels).get(SOURCE_LABEL)
-            if source:
-                service = ServiceRef(namespace, source)
-                await self.client.delete(SECRETS, namespace, client_secret_name(service))
+            service = ServiceRef(namespace, source) if source else None
+            if service is not None:
+                secret: ObjectRef = ("Secret", namespace, client_secret_name(service))
+                if not await self._delete(SECRETS, secret):
+                    continue
                 self._issued_clients.pop(service, None)
+            if await self._delete(CONFIGMAPS, ("ConfigMap", namespace, name)) and service:
                 log.info("removed config and key of %s (no ExternalService uses it)", service)
 
     # ---- status and events ------------------------------------------------------------
@@ -299,6 +443,10 @@ class Reconciler:
                 )
             except NotFound:
                 continue  # deleted meanwhile
+            except ApiError as error:  # nowhere to report it but the log; the others go on
+                ref: ObjectRef = ("ExternalService", es.namespace, es.name)
+                self._fail(ref, write_rejected("update the status of", ref, error))
+                continue
             for kind, reason, message in condition_events(status["conditions"], old_conditions):
                 await self._event(es.namespace, es.name, es.uid, kind, reason, message)
 

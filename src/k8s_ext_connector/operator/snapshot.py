@@ -12,6 +12,7 @@ from typing import Any
 
 from k8s_ext_connector.core.api import ExternalService, ExternalServiceSpec, ServiceRef
 from k8s_ext_connector.core.errors import ConfigError
+from k8s_ext_connector.core.fields import canonical_ip
 
 SIDECAR_CONTAINER = "ext-connector"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
@@ -59,11 +60,17 @@ class ServiceRecord:
     tcp_ports: tuple[int, ...] = ()  # what ingress relays (a UDP port is not a TCP one)
 
 
+NODE_ADDRESS_TYPES = ("InternalIP", "ExternalIP")
+
+
 @dataclass(frozen=True)
 class NodeRecord:
     name: str
     labels: tuple[tuple[str, str], ...]
     ready: bool
+    # The node's own IPs (status.addresses InternalIP/ExternalIP), canonical text: no
+    # sourceIP may be one of them.
+    addresses: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -133,16 +140,31 @@ def service_record(body: Mapping[str, Any]) -> ServiceRecord:
     )
 
 
+def _node_addresses(listed: object) -> tuple[str, ...]:
+    found = set()
+    for entry in listed if isinstance(listed, list) else []:
+        if isinstance(entry, Mapping) and entry.get("type") in NODE_ADDRESS_TYPES:
+            try:
+                found.add(canonical_ip(str(entry.get("address", ""))))
+            except ValueError:
+                continue  # a malformed address is not one a sourceIP can equal
+    return tuple(sorted(found))
+
+
 def node_record(body: Mapping[str, Any]) -> NodeRecord:
     meta = _meta(body)
-    conditions = (body.get("status") or {}).get("conditions") or []
+    status = body.get("status") or {}
+    conditions = status.get("conditions") or []
     ready = any(
         c.get("type") == "Ready" and c.get("status") == "True"
         for c in conditions
         if isinstance(c, Mapping)
     )
     return NodeRecord(
-        name=str(meta.get("name", "")), labels=_pairs(meta.get("labels")), ready=ready
+        name=str(meta.get("name", "")),
+        labels=_pairs(meta.get("labels")),
+        ready=ready,
+        addresses=_node_addresses(status.get("addresses")),
     )
 
 
