@@ -7,10 +7,13 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import celpy
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from celpy import celtypes
+from celpy.adapter import json_to_cel
 
 from k8s_ext_connector.core.api import ExternalServiceSpec, ServiceRef
 from k8s_ext_connector.core.errors import ConfigError
@@ -25,6 +28,7 @@ RULES_PATH = CHART / "files" / "rbac-rules.yaml"
 COMPONENTS = sorted(rbac.COMPONENTS)
 CRD = yaml.safe_load(CRD_PATH.read_text())
 VERSION = CRD["spec"]["versions"][0]
+CEL = celpy.Environment()
 SCHEMA = VERSION["schema"]["openAPIV3Schema"]
 
 
@@ -83,13 +87,29 @@ def test_names_status_and_columns() -> None:
     ]
 
 
+def _cel_failures(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
+    """Evaluate every x-kubernetes-validations rule where it sits, as the API server does
+    (``self`` is the value at that node), with cel-python; the messages of the failures."""
+    failures = []
+    for rule in schema.get("x-kubernetes-validations", []):
+        program = CEL.program(CEL.compile(rule["rule"]))
+        result = program.evaluate({"self": json_to_cel(value)})
+        if not (isinstance(result, celtypes.BoolType) and bool(result)):
+            failures.append(f"{path or '<root>'}: {' '.join(rule['message'].split())}")
+    if isinstance(value, dict):
+        for name, child in (schema.get("properties") or {}).items():
+            if name in value:
+                failures += _cel_failures(child, value[name], f"{path}.{name}")
+    if isinstance(value, list) and "items" in schema:
+        for index, item in enumerate(value):
+            failures += _cel_failures(schema["items"], item, f"{path}[{index}]")
+    return failures
+
+
 def _validate(obj: dict[str, Any]) -> None:
     jsonschema.validate(obj, SCHEMA, format_checker=jsonschema.FormatChecker())
-    # CEL rules (x-kubernetes-validations) are evaluated by the API server, not jsonschema;
-    # the only one we have is protocol == TCP, which the operator's parser enforces too.
-    for port in obj["spec"].get("ports", []):
-        if port.get("protocol", "TCP") != "TCP":
-            raise jsonschema.ValidationError("only TCP is supported for now (UDP is planned)")
+    if failures := _cel_failures(SCHEMA, obj):
+        raise jsonschema.ValidationError("; ".join(failures))
 
 
 SEED = yaml.safe_load(SEED_MANIFEST)
@@ -138,6 +158,34 @@ def test_invalid_fields_are_rejected(path: tuple[Any, ...], value: Any) -> None:
         _validate(obj)
     with pytest.raises(ConfigError):  # the operator's own parser agrees
         ExternalServiceSpec.from_dict(obj["spec"])
+
+
+@pytest.mark.parametrize(
+    ("name", "accepted"),
+    [
+        ("my-externalservice", True),
+        ("a" * 63, True),
+        ("db.prod", False),
+        ("1db", False),
+        ("db-", False),
+        ("a" * 64, False),
+    ],
+)
+def test_names_no_connector_service_can_have_are_refused_at_apply(
+    name: str, accepted: bool
+) -> None:
+    """The CRD's CEL rule and the planner's InvalidName agree on every case."""
+    obj = _with(("metadata", "name"), name)
+    failures = _cel_failures(SCHEMA, obj)
+    assert (failures == []) is accepted, failures
+    if not accepted:
+        assert "metadata.name must be a DNS-1035 label" in failures[0]
+
+
+def test_the_udp_rule_says_why() -> None:
+    assert _cel_failures(SCHEMA, _with(("spec", "ports", 0, "protocol"), "UDP")) == [
+        ".spec.ports[0].protocol: only TCP is supported for now (UDP is planned)"
+    ]
 
 
 def _jsonpath(obj: dict[str, Any], path: str) -> Any:
