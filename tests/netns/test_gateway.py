@@ -13,6 +13,7 @@ import asyncssh
 import pytest
 
 from k8s_ext_connector.certs.ssh import generate_key_pair
+from k8s_ext_connector.gateway.rules import SNAT_CHAIN, render_snat_rules
 from k8s_ext_connector.lab.client import run_gets
 from k8s_ext_connector.lab.netns import sh
 from k8s_ext_connector.lab.scenario import SERVICE1, SERVICE2
@@ -142,7 +143,13 @@ def test_gateway_restart_fails_fast_then_recovers_without_leaks(seed_lab: SeedLa
     # Nothing leaked: the sidecar's rules are unchanged, one gateway process, one listener
     # per source IP, and the source IPs are on the interface exactly once.
     assert lab.iptables_save(lab.pods["my-pod1"].netns) == rules_before
-    assert lab.iptables_save(lab.gw_ns).count("-A ") == 0
+    # In the node's nat table: the source-IP SNAT guard exactly once, nothing else.
+    guard = render_snat_rules(seed_lab.plan.gateway)
+    nat = [line for line in lab.iptables_save(lab.gw_ns).splitlines() if line.startswith("-A ")]
+    assert nat == [
+        f"-A POSTROUTING {guard.jumps[0].spec}",
+        *(f"-A {SNAT_CHAIN} {spec}" for spec in guard.chains[SNAT_CHAIN]),
+    ]
     listeners = sh(["ip", "netns", "exec", lab.gw_ns, "ss", "-Hltn"]).stdout
     assert sorted(line.split()[3] for line in listeners.splitlines()) == sorted(
         f"{ip}:2022" for ip in SOURCE_IPS

@@ -5,7 +5,8 @@
 - ``restore_text(desired, observed)`` is the pure diff: ``None`` when the table already
   matches (a rerun is a no-op), otherwise one iptables-restore ``--noflush`` transaction that
   rewrites our chains and fixes the jumps (missing ones added, duplicates and stale ones
-  removed), touching nothing else in the table.
+  removed, ``first`` ones moved back to the top of their chain when something was inserted
+  above them), touching nothing else in the table.
 - ``Iptables`` is the side-effect interface (save/restore); ``SubprocessIptables`` runs
   the real binaries of one backend.
 
@@ -37,6 +38,10 @@ class Jump:
 
     chain: str  # built-in chain, e.g. OUTPUT
     spec: str  # rule text without "-A CHAIN", in iptables-save's canonical form
+    # Must lead its chain (the ``first`` jumps of a chain, in their order, are its top
+    # rules): when another rule ends up above it, the diff moves it back to the top.
+    # Otherwise a jump only has to be present; a missing one is inserted at the top.
+    first: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,19 @@ def restore_text(desired: ChainSet, observed: ObservedTable) -> str | None:
     )
     # Jumps into our chains: keep exactly one of each desired jump, drop everything else.
     desired_jumps = {(j.chain, j.spec) for j in desired.jumps}
+    leading: dict[str, list[str]] = {}
+    for jump in desired.jumps:
+        if jump.first:
+            leading.setdefault(jump.chain, []).append(jump.spec)
+    # Chains whose top rules are not our leading jumps in order, or that hold one of them
+    # twice (``-D`` by rule text deletes the first match, the one on top): those jumps are
+    # deleted wherever they are and inserted again at the top. Already on top: no change.
+    misplaced = {
+        chain
+        for chain, specs in leading.items()
+        if observed.chains.get(chain, [])[: len(specs)] != specs
+        or any(observed.chains[chain].count(spec) > 1 for spec in specs)
+    }
     ours = set(desired.chains) | set(stale_chains)
     for chain, specs in sorted(observed.chains.items()):
         if chain in ours:
@@ -88,7 +106,8 @@ def restore_text(desired: ChainSet, observed: ObservedTable) -> str | None:
             target = _jump_target(spec)
             if target not in ours:
                 continue
-            if (chain, spec) in desired_jumps and spec not in kept:
+            moving = chain in misplaced and spec in leading[chain]
+            if (chain, spec) in desired_jumps and spec not in kept and not moving:
                 kept.add(spec)
             else:
                 lines.append(f"-D {chain} {spec}")
@@ -102,8 +121,13 @@ def restore_text(desired: ChainSet, observed: ObservedTable) -> str | None:
             lines.extend(f"-A {chain} {spec}" for spec in chain_specs)
         lines.extend(f"-X {chain}" for chain in stale_chains)
     for jump in desired.jumps:
-        if jump.spec not in observed.chains.get(jump.chain, []):
-            lines.append(f"-I {jump.chain} 1 {jump.spec}")
+        if jump.first or jump.spec in observed.chains.get(jump.chain, []):
+            continue
+        # Below the leading jumps when they stay where they are; they go on top otherwise.
+        position = 1 if jump.chain in misplaced else len(leading.get(jump.chain, [])) + 1
+        lines.append(f"-I {jump.chain} {position} {jump.spec}")
+    for chain in sorted(misplaced):
+        lines.extend(f"-I {chain} 1 {spec}" for spec in reversed(leading[chain]))
     if not lines:
         return None
     return "\n".join([f"*{desired.table}", *lines, "COMMIT", ""])

@@ -15,14 +15,23 @@ on present it, established ones keep the key they were accepted with.
 
 Ingress (``gateway/ingress.py``) runs in the same agent: the relay listeners and the
 filter chain that backs their peer check (``gateway/rules.py``) follow the same config.
-The chain is applied before anything else changes, so a failure to apply it leaves the
-running config wholly in force; it is removed at stop and replaced at start.
+So does the nat chain that keeps every source IP as the source of what leaves from it
+(``rules.render_snat_rules``), so that a node that masquerades its egress cannot replace
+it with the node's address. The chains are applied before anything else changes, so a
+failure to apply them leaves the running config wholly in force; they are removed at stop
+and replaced at start. Every ``rules_check_interval`` seconds the agent observes them
+again and repairs any drift as a diff, above all a CNI's resync inserting a rule above the
+SNAT jump, which must stay first in POSTROUTING; when nothing drifted nothing is written.
+iptables runs on a worker thread (a node's nat table can be large), one transaction at a
+time under a lock, and nothing is applied once ``stop`` has removed the chains.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 
@@ -39,6 +48,7 @@ from k8s_ext_connector.gateway.ingress import IngressRelay
 
 log = logging.getLogger(__name__)
 LISTEN_RETRY_SECONDS = 2.0
+RULES_CHECK_SECONDS = 10.0
 
 
 def _public_key_text(key: asyncssh.SSHKey) -> str:
@@ -156,8 +166,10 @@ class _SourceIPServer(asyncssh.SSHServer):
 class GatewayAgent:
     """Serves a ``GatewayConfig``; ``apply`` moves it to a new one without a restart.
 
-    ``firewalls`` holds the iptables of each address family whose ingress chain the agent
-    manages (none: the relay's own peer check is the only one, e.g. in unit tests).
+    ``firewalls`` holds the iptables of each address family whose chains the agent
+    manages (none: no rules at all, the relay's own peer check is the only one, e.g. in
+    unit tests). ``snat_guard`` off: no SNAT chain (a leftover one is removed).
+    ``rules_check_interval``: seconds between checks of the applied rules.
     """
 
     def __init__(
@@ -166,16 +178,25 @@ class GatewayAgent:
         host_key: asyncssh.SSHKey,
         addresses: AddressManager | None = None,
         firewalls: Mapping[iptables.Family, iptables.Iptables] | None = None,
+        snat_guard: bool = True,
+        rules_check_interval: float = RULES_CHECK_SECONDS,
     ) -> None:
         self.config = config
         self._host_key = host_key
         self._addresses = addresses
         self._firewalls = dict(firewalls or {})
+        self._snat_guard = snat_guard
+        self._rules_check_interval = rules_check_interval
         self._listeners: dict[str, asyncssh.SSHAcceptor] = {}
         self._sessions: set[_Session] = set()
         self._retry: asyncio.Task[None] | None = None
+        self._check: asyncio.Task[None] | None = None
         self.ingress = IngressRelay()
-        self._rules_applied = False
+        self._rules_lock = threading.Lock()
+        # The config whose rules are in force; None before the first apply and after stop.
+        self._rules_config: GatewayConfig | None = None
+        self._rules_touched = False  # something may have been written: stop removes it
+        self._stopped = False
 
     def client_name(self, source_ip: str, public_key: str) -> str:
         source = self.config.source(source_ip)
@@ -188,8 +209,11 @@ class GatewayAgent:
         return client is not None and target in client.allow
 
     async def start(self) -> None:
+        self._stopped = False
         await self.apply(self.config)
         self._retry = asyncio.create_task(self._retry_listeners())
+        if self._firewalls:
+            self._check = asyncio.create_task(self._check_rules())
 
     async def replace_host_key(self, host_key: asyncssh.SSHKey) -> None:
         """New connections get ``host_key``; established ones are not touched."""
@@ -213,7 +237,8 @@ class GatewayAgent:
         return (not problems), ("; ".join(problems) or "ready")
 
     async def apply(self, config: GatewayConfig) -> None:
-        self._apply_rules(config)  # first: if it fails, nothing else has changed
+        # First: if it fails, nothing else has changed.
+        await asyncio.to_thread(self._apply_rules, config)
         port_changed = config.ssh_port != self.config.ssh_port
         self.config = config
         wanted = {source.source_ip for source in config.sources}
@@ -229,11 +254,85 @@ class GatewayAgent:
         await self._start_missing_listeners()
         self._close_revoked()
 
-    def _apply_rules(self, config: GatewayConfig) -> None:
-        for family, firewall in sorted(self._firewalls.items()):
-            if iptables.apply(firewall, rules.render_ingress_rules(config, family)):
-                log.info("ingress filter rules (%s) updated", family)
-        self._rules_applied = bool(self._firewalls)
+    def _rule_sets(
+        self, config: GatewayConfig, family: iptables.Family
+    ) -> list[tuple[str, iptables.ChainSet]]:
+        snat = (
+            rules.render_snat_rules(config, family)
+            if self._snat_guard
+            else iptables.ChainSet(
+                table=rules.SNAT_TABLE, chains={}, owned_prefix=rules.SNAT_OWNED_PREFIX
+            )
+        )
+        return [
+            ("ingress filter", rules.render_ingress_rules(config, family)),
+            ("source IP SNAT", snat),
+        ]
+
+    def _apply_rules(self, config: GatewayConfig | None) -> None:
+        """Apply the rules of ``config``, or (None) check those in force and repair drift."""
+        with self._rules_lock:
+            if self._stopped:
+                return  # stop removed them: a late reload or check must not bring them back
+            repair = config is None
+            config = self._rules_config if config is None else config
+            if config is None:
+                return
+            self._rules_touched = bool(self._firewalls)
+            for family, firewall in sorted(self._firewalls.items()):
+                for what, desired in self._rule_sets(config, family):
+                    try:
+                        if not iptables.apply(firewall, desired):
+                            continue
+                    except iptables.IptablesError as error:
+                        if any(desired.chains.values()):
+                            raise  # rules to install: the running config stays in force
+                        # Nothing but an empty chain for this family in a table the node
+                        # cannot provide (e.g. no IPv6 nat): nothing is lost by skipping it.
+                        log.debug("%s rules (%s) skipped: %s", what, family, error)
+                        continue
+                    if repair:
+                        log.warning(
+                            "%s rules (%s) had drifted (changed by someone else, or a rule "
+                            "inserted above a jump that must be first): restored",
+                            what,
+                            family,
+                        )
+                    else:
+                        log.info("%s rules (%s) updated", what, family)
+            if repair:
+                log.debug("iptables rules checked")
+            self._rules_config = config
+
+    async def _check_rules(self) -> None:
+        """Observe the rules every interval; any drift is repaired as a diff."""
+        while True:
+            await asyncio.sleep(self._rules_check_interval)
+            try:
+                await asyncio.to_thread(self._apply_rules, None)
+            except Exception as error:  # logged and retried: the check never dies silently
+                log.error(
+                    "checking iptables rules failed: %s; retrying in %ss",
+                    error,
+                    self._rules_check_interval,
+                )
+
+    def _remove_rules(self) -> None:
+        with self._rules_lock:
+            self._stopped = True
+            self._rules_config = None
+            if not self._rules_touched:
+                return
+            for family, firewall in sorted(self._firewalls.items()):
+                for table, prefix in (
+                    (rules.TABLE, rules.OWNED_PREFIX),
+                    (rules.SNAT_TABLE, rules.SNAT_OWNED_PREFIX),
+                ):
+                    try:
+                        iptables.remove(firewall, table, prefix)
+                    except iptables.IptablesError as error:  # the others are still removed
+                        log.error("cannot remove our %s rules (%s): %s", table, family, error)
+            self._rules_touched = False
 
     async def _start_missing_listeners(self) -> None:
         for source in self.config.sources:
@@ -300,12 +399,15 @@ class GatewayAgent:
     async def stop(self) -> None:
         if self._retry is not None:
             self._retry.cancel()
+        if self._check is not None:
+            self._check.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._check
+            # A check already on its worker thread finishes under the lock; one that has
+            # not taken it yet finds the agent stopped and writes nothing.
         await self.ingress.stop()
         for source_ip in sorted(self._listeners):
             await self._stop_listener(source_ip)
-        if self._rules_applied:
-            for firewall in self._firewalls.values():
-                iptables.remove(firewall, rules.TABLE, rules.OWNED_PREFIX)
-            self._rules_applied = False
+        await asyncio.to_thread(self._remove_rules)
         if self._addresses is not None:
             reconcile_addresses(self._addresses, ())

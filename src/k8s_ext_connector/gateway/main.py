@@ -46,7 +46,7 @@ from k8s_ext_connector.core.run import (
     until_stopped,
 )
 from k8s_ext_connector.gateway.addresses import IprouteAddresses
-from k8s_ext_connector.gateway.agent import GatewayAgent
+from k8s_ext_connector.gateway.agent import RULES_CHECK_SECONDS, GatewayAgent
 from k8s_ext_connector.gateway.hostkey import HostKeySecret
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,8 @@ class GatewaySettings:
     wait_for_config: bool = False
     health_host: str = "0.0.0.0"
     health_port: int = 0
+    snat_guard: bool = True
+    rules_check_interval: float = RULES_CHECK_SECONDS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,7 +127,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--iptables-backend",
         default="auto",
         choices=["auto", "nft", "legacy"],
-        help="for the ingress filter chain; auto: the backend already holding more rules",
+        help="for the gateway's chains (ingress filter, source IP SNAT); auto: the backend "
+        "already holding more rules",
+    )
+    parser.add_argument(
+        "--snat-guard",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep each source IP as the source of connections leaving from it: a nat chain "
+        "jumped to first from POSTROUTING with a same-address SNAT per source IP, so a node "
+        "that masquerades its egress (kindnet, ip-masq-agent, Calico natOutgoing) cannot "
+        "replace it with the node's address (default: on). --no-snat-guard is a diagnostic "
+        "switch: it shows whether the node rewrites the source IPs",
+    )
+    parser.add_argument(
+        "--rules-check-interval",
+        type=float,
+        default=RULES_CHECK_SECONDS,
+        metavar="SECONDS",
+        help="seconds between checks of the gateway's iptables rules; drift (e.g. a CNI "
+        "inserting a rule above the SNAT jump) is repaired as a diff",
     )
     add_agent_arguments(parser)
 
@@ -147,6 +168,8 @@ def settings_from(args: argparse.Namespace) -> GatewaySettings:
         raise ConfigError("--health-port", args.health_port, "must be 0 (off) to 65535")
     if args.host_key_poll_interval <= 0:
         raise ConfigError("--host-key-poll-interval", args.host_key_poll_interval, "must be > 0")
+    if not args.rules_check_interval > 0:
+        raise ConfigError("--rules-check-interval", args.rules_check_interval, "must be > 0")
     return GatewaySettings(
         config_path=args.config,
         host_key_path=args.host_key,
@@ -161,6 +184,8 @@ def settings_from(args: argparse.Namespace) -> GatewaySettings:
         wait_for_config=args.wait_for_config,
         health_host=args.health_host,
         health_port=args.health_port,
+        snat_guard=args.snat_guard,
+        rules_check_interval=args.rules_check_interval,
     )
 
 
@@ -301,7 +326,16 @@ async def _gateway(
         addresses = (
             IprouteAddresses(settings.manage_addresses) if settings.manage_addresses else None
         )
-        agent = GatewayAgent(config, host_key, addresses, firewalls(backend))
+        agent = GatewayAgent(
+            config,
+            host_key,
+            addresses,
+            firewalls(backend),
+            snat_guard=settings.snat_guard,
+            rules_check_interval=settings.rules_check_interval,
+        )
+        if not settings.snat_guard:
+            log.warning("--no-snat-guard: the node's nat rules may rewrite the source IPs")
         await agent.start()
         ready.agent = agent
 
