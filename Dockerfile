@@ -72,6 +72,9 @@ ENV PATH=/opt/venv/bin:$PATH \
 # Non-root by default. The chart runs the gateway and the injected sidecar as uid 0 with
 # only NET_ADMIN/NET_RAW (+ NET_BIND_SERVICE for the gateway), because iptables needs uid 0;
 # the operator, webhook and certs keep this user.
+# The user has a passwd entry: libraries that ask who they run as (getpass) get an answer.
+RUN echo 'nonroot:x:65532:65532:nonroot:/nonexistent:/usr/sbin/nologin' >> /etc/passwd \
+ && echo 'nonroot:x:65532:' >> /etc/group
 USER 65532:65532
 ENTRYPOINT ["k8s-ext-connector"]
 CMD ["--help"]

@@ -3,8 +3,12 @@
 
 The harness plays the kubelet for those containers and says so: ``$(VAR)`` references
 are expanded from the env the chart declares, a mounted Secret becomes a directory with
-the keys the chart's volume names, a listening port the chart declares is mapped to a free
-local one, and the API is reached through $KUBECONFIG instead of an in-cluster token.
+the keys the chart's volume names (group-readable by the pod's fsGroup), a listening port
+the chart declares is mapped to a free local one, and the API is reached through
+$KUBECONFIG instead of an in-cluster token. Run as root (CI), each command runs as the
+pod's uid and gid (65532, which has no passwd entry on this machine either) with only the
+env a container gets, so a component that needs a home, a user name or a writable path
+outside /tmp fails here as it would in the image.
 
 helm validates manifests with OpenAPI v2, which the emulator does not serve, so the
 install passes --disable-openapi-validation; tests/chart validates every render strictly.
@@ -13,12 +17,15 @@ install passes --disable-openapi-validation; tests/chart validates every render 
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
+import shutil
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -87,8 +94,8 @@ class Installed:
         args = [self._expand(a, env, mapped, mounts) for a in container["args"]]
         log = (self.workdir / f"{component}.log").open("ab")
         process = subprocess.Popen(
-            [sys.executable, "-m", "k8s_ext_connector", *args],
-            env={**os.environ, **env, "KUBECONFIG": str(self.kubeconfig)},
+            [*self._as_pod_user(spec, container), sys.executable, "-m", "k8s_ext_connector", *args],
+            env={"PATH": "/usr/bin:/bin", **env, "KUBECONFIG": str(self.kubeconfig)},
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -96,6 +103,14 @@ class Installed:
         log.close()
         self.processes.append(process)
         return process, mapped
+
+    @staticmethod
+    def _as_pod_user(spec: dict[str, Any], container: dict[str, Any]) -> list[str]:
+        security = {**spec.get("securityContext", {}), **container.get("securityContext", {})}
+        uid, gid = security.get("runAsUser"), security.get("runAsGroup", security.get("runAsUser"))
+        if uid is None or os.geteuid() != 0:
+            return []  # not root: run as whoever runs the tests
+        return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
 
     def wait(self, check: Any, what: str, component: str) -> Any:
         """wait_for, failing with the component's log (read at the deadline)."""
@@ -114,6 +129,8 @@ class Installed:
         (volume,) = [v for v in spec["volumes"] if v["name"] == name]
         directory = self.workdir / "volumes" / name
         directory.mkdir(parents=True, exist_ok=True)
+        if "emptyDir" in volume:
+            directory.chmod(0o1777)  # writable by the pod's uid, as the kubelet makes it
         if "secret" in volume:
             secret = wait_for(
                 lambda: self.api.get_object(
@@ -122,10 +139,13 @@ class Installed:
                 timeout=20,
                 what=f"Secret {volume['secret']['secretName']} for volume {name}",
             )
+            group = spec.get("securityContext", {}).get("fsGroup", 0)
             for item in volume["secret"]["items"]:
-                (directory / item["path"]).write_bytes(
-                    base64.b64decode(secret["data"][item["key"]])
-                )
+                path = directory / item["path"]
+                path.write_bytes(base64.b64decode(secret["data"][item["key"]]))
+                os.chmod(path, 0o440)  # defaultMode 0400, group-readable through fsGroup
+                if os.geteuid() == 0:
+                    os.chown(path, 0, group)
         return directory
 
     @staticmethod
@@ -143,15 +163,20 @@ class Installed:
 
 
 @pytest.fixture
-def installed(tmp_path: Path) -> Iterator[Installed]:
+def installed() -> Iterator[Installed]:
+    # Not tmp_path: pytest keeps it under a root-only directory the pods' uid cannot enter.
+    workdir = Path(tempfile.mkdtemp(prefix="extconn-helm-"))
+    workdir.chmod(0o755)
     api = ApiServer()
-    with api.run_in_thread():
-        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+    with api.run_in_thread(), contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
+        kubeconfig = api.write_kubeconfig(workdir / "kubeconfig")
+        kubeconfig.chmod(0o644)
         result = helm(
             "--kubeconfig", str(kubeconfig), "install", RELEASE, str(CHART),
             "-n", RELEASE_NAMESPACE, "--create-namespace", "--disable-openapi-validation",
         )  # fmt: skip
-        release = Installed(api, kubeconfig, tmp_path, result.stdout)
+        release = Installed(api, kubeconfig, workdir, result.stdout)
         try:
             yield release
         finally:
@@ -266,6 +291,7 @@ def test_the_charts_commands_issue_certificates_serve_and_reconcile(
         "gw1's host key Secret",
         "operator",
     )
+
     def gateway_config() -> dict[str, Any] | None:
         found = c.api.get_object("", "v1", "configmaps", CONNECTOR_NAMESPACE, GATEWAY_CONFIGMAP)
         return found if found and "gw1.yaml" in (found.get("data") or {}) else None

@@ -126,6 +126,10 @@ async def serve(command: OperatorCommand, stop: asyncio.Event | None = None) -> 
                 clusterwide=True,
                 standalone=True,
                 stop_flag=stop,
+                # kopf would otherwise derive one from getpass.getuser(), which fails for a
+                # uid without a passwd entry (the image's non-root user on some bases).
+                # (kopf's Identity is a NewType of str it does not export.)
+                identity=command.identity,  # type: ignore[arg-type]
             )
         )
         watchers = [running]
