@@ -578,6 +578,39 @@ def test_cli_sync_once_and_in_a_loop(
     assert _writes(api, before) == []
 
 
+def test_the_loop_comes_back_soon_while_the_webhook_configuration_is_missing(
+    api: ApiServer, kubeconfig: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first install creates the configuration and the certs Deployment together: a loop
+    with an hour's interval must not leave the caBundle empty for that hour."""
+    monkeypatch.setattr(certs_main, "PENDING_RETRY", 0.2)  # the harness's clock, not 10 s
+    settings = dataclasses.replace(LONG, webhook_config="later")
+
+    async def loop() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            certs_main.sync_forever(load_credentials(str(kubeconfig)), settings, 3600, stop)
+        )
+        async with asyncio.timeout(10):
+            while api.get_object("", "v1", "secrets", NS, SECRET) is None:
+                await asyncio.sleep(0.01)  # the first round ran without the configuration
+            api.create_object(
+                {
+                    "apiVersion": "admissionregistration.k8s.io/v1",
+                    "kind": "MutatingWebhookConfiguration",
+                    "metadata": {"name": "later"},
+                    "webhooks": [_webhook(WEBHOOKS[0])],
+                }
+            )
+            while not _bundles(api, "later")[0]:
+                await asyncio.sleep(0.01)
+        stop.set()
+        await asyncio.wait_for(task, timeout=5)
+
+    asyncio.run(loop())
+    assert _bundles(api, "later") == [_secret(api)[0].cert_pem]
+
+
 def test_sync_requests_match_its_rbac(api: ApiServer, run: Run) -> None:
     run(LONG)
     run(LONG)

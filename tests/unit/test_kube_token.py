@@ -7,9 +7,11 @@ import asyncio
 import os
 from pathlib import Path
 
+import pytest
 import yaml
 from aiohttp import web
 
+from k8s_ext_connector.core import kube
 from k8s_ext_connector.core.kube import SECRETS, Credentials, KubeClient, load_credentials
 
 
@@ -62,3 +64,15 @@ def test_kubeconfig_token_file_is_used_and_never_shown(tmp_path: Path) -> None:
     credentials = load_credentials(str(kubeconfig))
     assert credentials.bearer() == "s3cret"
     assert "s3cret" not in repr(credentials)
+
+
+def test_in_cluster_ipv6_api_address_is_bracketed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "token").write_text("t")
+    monkeypatch.setattr(kube, "SERVICE_ACCOUNT", tmp_path)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "fd00:10:96::1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    assert load_credentials().server == "https://[fd00:10:96::1]:443"
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    assert load_credentials().server == "https://10.96.0.1:443"

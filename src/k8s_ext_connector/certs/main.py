@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CA_DAYS = 3650
 DEFAULT_DAYS = 365
+PENDING_RETRY = 10.0  # seconds between rounds while a round failed or the config is missing
 MAX_DAYS = 36500  # beyond this, not_valid_after runs into X.509's year 9999
 MAX_SECONDS = 366 * 86400
 _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
@@ -287,14 +288,21 @@ async def sync_forever(
     stop: asyncio.Event,
 ) -> None:
     """Sync every ``interval`` seconds until ``stop``; failures are logged and retried on
-    the next round (a conflict means another replica has just written)."""
+    the next round (a conflict means another replica has just written). While the round
+    failed or the MutatingWebhookConfiguration is not there yet (a first install creates
+    both at once), the next round comes after ``PENDING_RETRY`` seconds instead: an empty
+    caBundle means pods start without their sidecar."""
     async with KubeClient(credentials) as client:
         while not stop.is_set():
+            wait = interval
             try:
                 result = await sync(client, settings)
                 if result.changed or not result.webhook_config_found:
                     log.info("%s/%s: %s", settings.namespace, settings.secret, result.summary())
+                if not result.webhook_config_found:
+                    wait = min(interval, PENDING_RETRY)
             except (ApiError, TransientError) as error:
-                log.warning("certificate sync failed, retrying in %ss: %s", interval, error)
+                wait = min(interval, PENDING_RETRY)
+                log.warning("certificate sync failed, retrying in %ss: %s", wait, error)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=interval)
+                await asyncio.wait_for(stop.wait(), timeout=wait)

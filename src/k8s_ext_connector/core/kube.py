@@ -138,6 +138,8 @@ def load_credentials(kubeconfig: str | None = None) -> Credentials:
     if kubeconfig is None and (SERVICE_ACCOUNT / "token").exists():
         host = os.environ["KUBERNETES_SERVICE_HOST"]
         port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        if ":" in host:  # an IPv6 address (IPv6-only or IPv6-first clusters)
+            host = f"[{host}]"
         return Credentials(
             server=f"https://{host}:{port}",
             token_file=str(SERVICE_ACCOUNT / "token"),
