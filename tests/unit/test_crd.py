@@ -150,6 +150,7 @@ _DELETE = object()
         pytest.param(("spec", "ports", 0, "port"), 70000, id="port-70000"),
         pytest.param(("spec", "ports", 0, "targetPort"), "http", id="targetPort-named"),
         pytest.param(("spec", "ports", 0, "protocol"), "UDP", id="udp"),
+        pytest.param(("spec", "ports", 0, "name"), "HTTP", id="port-name-upper"),
     ],
 )
 def test_invalid_fields_are_rejected(path: tuple[Any, ...], value: Any) -> None:

@@ -55,9 +55,10 @@ class ExternalPort:
                 "must be a number: an external server has no named ports",
             )
         target_port = f.port("targetPort", port)  # seed semantics: defaults to port
-        port_spec = ExternalPort(
-            port=port, target_port=target_port, protocol=protocol, name=f.string("name", "")
-        )
+        name = f.string("name", "")
+        if name and not _DNS_LABEL.fullmatch(name):  # it names the connector Service's port
+            raise ConfigError(f.path("name"), name, "must be a DNS label (a-z, 0-9, '-'; max 63)")
+        port_spec = ExternalPort(port=port, target_port=target_port, protocol=protocol, name=name)
         f.done()
         return port_spec
 
