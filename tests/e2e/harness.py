@@ -302,13 +302,15 @@ class Kind:
         return self.kubectl(*args, stdin=stdin)
 
     def get(self, kind: str, name: str, namespace: str | None = None) -> Obj | None:
-        """The object, or None when it does not exist (any other error fails)."""
+        """The object, or None when it does not exist or cannot be read right now: these
+        calls run inside polls with deadlines, so a transient API error (a control plane
+        still settling, a timeout) is said and the poll goes on instead of aborting."""
         args = ["get", kind, name, "-o", "json"] + (["-n", namespace] if namespace else [])
         result = self.kubectl_result(*args)
         if result.returncode != 0:
-            if "NotFound" in result.stderr or "not found" in result.stderr:
-                return None
-            raise CommandError(f"kubectl {shlex.join(args)}: {result.stderr.strip()}")
+            if "NotFound" not in result.stderr and "not found" not in result.stderr:
+                self.say(f"kubectl {shlex.join(args)} failed, polling on: {result.stderr.strip()}")
+            return None
         obj: Obj = json.loads(result.stdout)
         return obj
 
@@ -317,9 +319,12 @@ class Kind:
         result = self.kubectl_result("get", kind, name, "-n", namespace, "-o", "name")
         if result.returncode == 0:
             return True
-        if "NotFound" in result.stderr or "not found" in result.stderr:
-            return False
-        raise CommandError(f"kubectl get {kind} {name} -n {namespace}: {result.stderr.strip()}")
+        if "NotFound" not in result.stderr and "not found" not in result.stderr:
+            self.say(
+                f"kubectl get {kind} {name} -n {namespace} failed, polling on: "
+                f"{result.stderr.strip()}"
+            )
+        return False
 
     def apply(self, manifest: Obj | Iterable[Obj], show: str = "") -> None:
         docs = [manifest] if isinstance(manifest, dict) else list(manifest)
