@@ -8,16 +8,29 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import celpy
 import kubernetes_validate
 import pytest
 import yaml
+from celpy import celtypes
+from celpy.adapter import json_to_cel
 
 from k8s_ext_connector.cli import build_parser
 from k8s_ext_connector.operator import main as operator_main
 from k8s_ext_connector.operator import rbac
-from k8s_ext_connector.operator.desired import GATEWAY_CONFIGMAP, host_key_secret_name
+from k8s_ext_connector.operator.desired import (
+    GATEWAY_CONFIGMAP,
+    KeyBook,
+    OperatorSettings,
+    Snapshot,
+    compute,
+    host_key_secret_name,
+    managed_labels,
+)
 from k8s_ext_connector.operator.leader import LEASE_NAME
+from k8s_ext_connector.operator.snapshot import externalservice_record
 from tests.chart.helm import CHART, RELEASE_NAMESPACE, helm, minimum_kube_version, render
+from tests.unit.samples import SEED_MANIFEST
 
 CONNECTOR_NAMESPACE = "external-services"
 
@@ -97,18 +110,18 @@ def test_helm_lint_strict() -> None:
 
 @pytest.mark.parametrize("values", SWITCHES.values(), ids=SWITCHES.keys())
 def test_every_render_passes_strict_validation(values: dict[str, str]) -> None:
-    """Built-in kinds against the lowest Kubernetes the chart admits and 1.32 (strict: an
+    """Built-in kinds rendered for and validated against the lowest Kubernetes the chart
+    admits and 1.32 (objects can depend on the version, e.g. the write guard; strict: an
     unknown field fails); cert-manager and Prometheus Operator kinds have no schema in
     kubernetes-validate, so they are checked for their identifying fields only."""
-    oldest = minimum_kube_version()
-    documents = render(values, kube_version=oldest)
-    assert documents
-    for document in documents:
-        if (document["apiVersion"], document["kind"]) in CUSTOM_KINDS:
-            assert document["metadata"]["name"], document
-            assert document["spec"], document
-            continue
-        for version in (oldest, "1.32.0"):
+    for version in (minimum_kube_version(), "1.32.0"):
+        documents = render(values, kube_version=version)
+        assert documents
+        for document in documents:
+            if (document["apiVersion"], document["kind"]) in CUSTOM_KINDS:
+                assert document["metadata"]["name"], document
+                assert document["spec"], document
+                continue
             kubernetes_validate.validate(document, version, strict=True)
 
 
@@ -444,3 +457,90 @@ def test_name_restricted_rules_name_what_the_components_use() -> None:
     assert {args["--secret"], args["--ca-secret"], args["--webhook-config"]} <= named
     assert one(documents, "MutatingWebhookConfiguration", "webhook")["metadata"]["name"] in named
     assert rbac.OBJECT_NAMES["operator-lease"] == LEASE_NAME
+
+
+OPERATOR_USER = f"system:serviceaccount:{RELEASE_NAMESPACE}:k8s-ext-connector-operator"
+OURS = {"app.kubernetes.io/managed-by": "k8s-ext-connector"}
+
+
+def _guard_verdict(request: dict[str, Any]) -> bool | None:
+    """The write guard's decision on one admission request, evaluated with cel-python from
+    the rendered policy: None when it does not apply, else whether it admits."""
+    policy = next(d for d in render() if d["kind"] == "ValidatingAdmissionPolicy")
+    cel = celpy.Environment()
+
+    def holds(expression: str) -> bool:
+        variables = {
+            "request": json_to_cel(request),
+            "object": json_to_cel(request.get("object")),
+            "oldObject": json_to_cel(request.get("oldObject")),
+        }
+        result = cel.program(cel.compile(expression)).evaluate(variables)
+        return isinstance(result, celtypes.BoolType) and bool(result)
+
+    if not all(holds(c["expression"]) for c in policy["spec"]["matchConditions"]):
+        return None
+    return all(holds(v["expression"]) for v in policy["spec"]["validations"])
+
+
+def _request(
+    operation: str, new: dict[str, str] | None, old: dict[str, str] | None, user: str = ""
+) -> dict[str, Any]:
+    def obj(labels: dict[str, str] | None) -> dict[str, Any] | None:
+        if labels is None:
+            return None
+        return {"metadata": {"name": "x", "labels": labels}} if labels else {"metadata": {}}
+
+    return {
+        "operation": operation,
+        "userInfo": {"username": user or OPERATOR_USER},
+        "object": obj(new),
+        "oldObject": obj(old),
+    }
+
+
+@pytest.mark.parametrize(
+    ("request_", "admitted"),
+    [
+        (_request("CREATE", OURS, None), True),
+        (_request("CREATE", {}, None), False),
+        (_request("UPDATE", OURS, OURS), True),
+        (_request("UPDATE", OURS, {}), False),  # taking over someone's object
+        (_request("UPDATE", {"team": "a"}, {"team": "a"}), False),
+        (_request("UPDATE", {}, OURS), False),  # dropping the label
+        (_request("DELETE", None, OURS), True),
+        (_request("DELETE", None, {}), False),
+        (_request("DELETE", None, {}, user="system:serviceaccount:team:deployer"), None),
+    ],
+    ids=[
+        "create-ours", "create-unlabelled", "update-ours", "take-over", "update-foreign",
+        "drop-label", "delete-ours", "delete-foreign", "other-user-not-concerned",
+    ],
+)  # fmt: skip
+def test_write_guard_admits_only_the_operators_own_objects(
+    request_: dict[str, Any], admitted: bool | None
+) -> None:
+    assert _guard_verdict(request_) == admitted
+
+
+def test_every_object_the_operator_writes_passes_the_write_guard() -> None:
+    """What compute() plans for the seed (Services, ConfigMaps) and the key Secrets the
+    reconciler writes all carry the label the guard asks for."""
+    spec = yaml.safe_load(SEED_MANIFEST)
+    body = {**spec, "metadata": {"name": "my-externalservice", "namespace": "default"}}
+    snapshot = Snapshot([externalservice_record(body)], {}, [], [])
+    desired = compute(snapshot, KeyBook(), OperatorSettings())
+    written = [*desired.services.values(), *desired.configmaps.values()]
+    assert written
+    for obj in written:
+        labels = obj["metadata"]["labels"]
+        assert _guard_verdict(_request("CREATE", labels, None)) is True, obj["metadata"]
+        assert _guard_verdict(_request("UPDATE", labels, labels)) is True
+    assert _guard_verdict(_request("CREATE", managed_labels(), None)) is True  # Secrets
+
+
+def test_write_guard_needs_kubernetes_1_30() -> None:
+    assert "ValidatingAdmissionPolicy" not in {d["kind"] for d in render(kube_version="1.29.0")}
+    assert "ValidatingAdmissionPolicy" not in {
+        d["kind"] for d in render({"operator.writeGuard.enabled": "false"})
+    }

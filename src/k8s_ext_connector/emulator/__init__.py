@@ -23,6 +23,8 @@ Deliberately NOT emulated:
   SelfSubjectAccessReview, so ``kubectl auth can-i`` gets 404);
 - server-side apply (``application/apply-patch+yaml`` answers 415), managedFields,
   field managers, dryRun (400), and the fieldValidation parameter (accepted, ignored);
+- ValidatingAdmissionPolicies and CEL rules (CRD x-kubernetes-validations): stored, never
+  evaluated (tests evaluate the chart's and the CRD's expressions with cel-python);
 - schema validation, defaulting and pruning (built-in or CRD openAPIV3Schema), so
   ``kubectl explain`` prints only KIND and VERSION; no version conversion beyond apiVersion;
 - strategic merge patch beyond a merge patch plus the directives kubectl generates

@@ -99,6 +99,8 @@ _BUILTINS = [
     apiextensions.k8s.io/v1 * CustomResourceDefinition cluster crd,crds status
     admissionregistration.k8s.io/v1 * MutatingWebhookConfiguration cluster - -
     admissionregistration.k8s.io/v1 * ValidatingWebhookConfiguration cluster - -
+    admissionregistration.k8s.io/v1 * ValidatingAdmissionPolicy cluster - status
+    admissionregistration.k8s.io/v1 * ValidatingAdmissionPolicyBinding cluster - -
     rbac.authorization.k8s.io/v1 roles Role ns - -
     rbac.authorization.k8s.io/v1 rolebindings RoleBinding ns - -
     rbac.authorization.k8s.io/v1 clusterroles ClusterRole cluster - -
