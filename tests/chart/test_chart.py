@@ -52,6 +52,7 @@ SWITCHES: dict[str, dict[str, str]] = {
         "webhook.podDisruptionBudget.enabled": "false",
     },
     "single-operator": {"operator.replicas": "1", "operator.leaderElection": "false"},
+    "own-namespace-sources": {"operator.ownNamespaceSources": "true"},
     "single-webhook": {"webhook.replicas": "1"},
     "existing-connector-namespace": {
         "connectorNamespace.create": "false",
@@ -421,6 +422,10 @@ def test_switches_add_exactly_their_objects() -> None:
     } - {"CustomResourceDefinition"}
     (gateway,) = [s for c, s in pod_specs(render(SWITCHES["manage-addresses"])) if c == "gateway"]
     assert "--manage-addresses=eth1" in gateway["containers"][0]["args"]
+    (strict,) = [
+        s for c, s in pod_specs(render(SWITCHES["own-namespace-sources"])) if c == "operator"
+    ]
+    assert "--own-namespace-sources" in strict["containers"][0]["args"]
     (webhook,) = [s for c, s in pod_specs(render(SWITCHES["no-native-sidecar"])) if c == "webhook"]
     assert "--no-native-sidecar" in webhook["containers"][0]["args"]
 

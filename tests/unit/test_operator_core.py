@@ -506,3 +506,28 @@ def test_lease_spec_counts_transitions() -> None:
     assert spec["leaseTransitions"] == 3
     assert spec["holderIdentity"] == "me"
     assert lease_spec("me", NOW, {"acquireTime": "old"}, "renew")["acquireTime"] == "old"
+
+
+def test_own_namespace_sources_refuses_other_namespaces_and_writes_nothing_for_them() -> None:
+    strict = OperatorSettings(own_namespace_sources=True)
+    desired = compute(snapshot(es_body(), pods=READY_PODS), KEYS, strict)
+    status = desired.statuses[ServiceRef("default", "my-externalservice")]
+    assert conditions(status)["Accepted"] == ("False", "SourceOutsideNamespace")
+    assert _message(status, "Accepted").startswith(
+        "spec.sources[0].service.namespace: 'ns1' is not this ExternalService's namespace "
+        "'default'")
+    assert desired.services == {}
+    assert not [key for key in desired.configmaps if key[0] in ("ns1", "ns2")]
+    # The default (the seed's semantics) allows them.
+    default = compute(snapshot(es_body(), pods=READY_PODS), KEYS, SETTINGS)
+    assert conditions(default.statuses[ServiceRef("default", "my-externalservice")])[
+        "Accepted"][0] == "True"
+
+
+def test_own_namespace_sources_accepts_sources_of_its_own_namespace() -> None:
+    spec = {**seed_spec(), "sources": [
+        {"service": {"namespace": "ns1", "name": "my-service1"}, "sourceIP": "192.168.122.200"}]}
+    strict = OperatorSettings(own_namespace_sources=True)
+    desired = compute(snapshot(es_body(namespace="ns1", spec=spec), pods=READY_PODS), KEYS, strict)
+    status = desired.statuses[ServiceRef("ns1", "my-externalservice")]
+    assert conditions(status)["Accepted"][0] == "True"

@@ -63,6 +63,7 @@ class Problem(str):
 INVALID_NAME = "InvalidName"
 RESERVED_ADDRESS = "ReservedAddress"
 NODE_ADDRESS = "NodeAddress"
+SOURCE_OUTSIDE_NAMESPACE = "SourceOutsideNamespace"
 
 # Reasons of warnings: ingress does not work (fully), egress is unaffected.
 NO_INGRESS_PORTS = "NoIngressPorts"
@@ -103,6 +104,9 @@ class PlanOptions:
     ssh_port: int = DEFAULT_SSH_PORT
     listen_port: int = DEFAULT_LISTEN_PORT
     intercept_target: bool = True  # also catch apps that dial targetIP:targetPort directly
+    # Multi-tenant clusters: an ExternalService may only name Services of its own namespace
+    # (the seed's example names Services of other namespaces, so this is off by default).
+    own_namespace_sources: bool = False
 
 
 @dataclass(frozen=True)
@@ -193,9 +197,7 @@ def plan(
             for source_ip, by_service in sorted(allow.items())
         ),
     )
-    return Plan(
-        sidecars=sidecars, gateway=gateway_config, problems=problems, warnings=warnings
-    )
+    return Plan(sidecars=sidecars, gateway=gateway_config, problems=problems, warnings=warnings)
 
 
 def _plan_ingress(
@@ -321,12 +323,27 @@ def address_problem(where: str, value: str) -> Problem | None:
 
 
 def spec_problems(
-    es: ExternalService, node_addresses: Mapping[str, str]
+    es: ExternalService,
+    node_addresses: Mapping[str, str],
+    own_namespace_sources: bool = False,
 ) -> tuple[Problem, ...]:
     """What is wrong with ``es`` whatever the other ExternalServices say: its name, its
-    addresses, and sourceIPs that are a node's own address (``node_addresses``: address ->
-    node name)."""
+    addresses, sourceIPs that are a node's own address (``node_addresses``: address ->
+    node name), and, where the cluster asks for it, sources outside its namespace."""
     found: list[Problem] = []
+    if own_namespace_sources:
+        for i, source in enumerate(es.spec.sources):
+            if source.service.namespace != es.namespace:
+                found.append(
+                    Problem(
+                        SOURCE_OUTSIDE_NAMESPACE,
+                        f"spec.sources[{i}].service.namespace: {source.service.namespace!r} "
+                        f"is not this ExternalService's namespace {es.namespace!r}; this "
+                        "cluster only lets an ExternalService name Services of its own "
+                        "namespace (operator --own-namespace-sources): create it in "
+                        f"{source.service.namespace!r}",
+                    )
+                )
     invalid_name = name_problem(es.name)
     if invalid_name is not None:
         found.append(invalid_name)
@@ -360,7 +377,9 @@ def _problems(
     options: PlanOptions,
 ) -> tuple[Problem, ...]:
     """Everything that keeps ``es`` out of the plan, as user-facing sentences."""
-    found: list[Problem] = list(spec_problems(es, facts.node_addresses))
+    found: list[Problem] = list(
+        spec_problems(es, facts.node_addresses, options.own_namespace_sources)
+    )
     own_claims: dict[tuple[str, Endpoint], ServiceRef] = {}
     connector_ip = facts.connector_ips.get(es.ref)
     listed: dict[ServiceRef, int] = {}

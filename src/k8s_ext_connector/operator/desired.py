@@ -77,6 +77,7 @@ class OperatorSettings:
     ssh_port: int = 2022
     listen_port: int = 15001
     intercept_target: bool = True
+    own_namespace_sources: bool = False  # planner.PlanOptions.own_namespace_sources
 
 
 @dataclass(frozen=True)
@@ -249,9 +250,7 @@ def object_owners(
         owners[("ConfigMap", namespace, GATEWAY_CONFIGMAP)].append(es.ref)
         for source in es.spec.sources:
             service = source.service
-            owners[("ConfigMap", service.namespace, sidecar_configmap_name(service))].append(
-                es.ref
-            )
+            owners[("ConfigMap", service.namespace, sidecar_configmap_name(service))].append(es.ref)
             owners[("Secret", service.namespace, client_secret_name(service))].append(es.ref)
             node = assignment.get(source.source_ip)
             if node is not None:
@@ -274,7 +273,11 @@ def compute(
 
     # Nothing at all is written for an ExternalService whose spec alone is unacceptable.
     node_addresses = {address: node.name for node in snapshot.nodes for address in node.addresses}
-    refused = {es.ref for es in live if es.parsed and spec_problems(es.parsed, node_addresses)}
+    refused = {
+        es.ref
+        for es in live
+        if es.parsed and spec_problems(es.parsed, node_addresses, settings.own_namespace_sources)
+    }
     # Connector Services: one per ExternalService that may have one.
     held = _held(snapshot, settings)
     services: dict[tuple[str, str], dict[str, Any]] = {}
@@ -307,7 +310,12 @@ def compute(
         [es for es in plannable if es is not None],
         facts,
         KeyMaterial(client_keys=keys.clients, gateway_host_keys=host_keys),
-        PlanOptions(settings.ssh_port, settings.listen_port, settings.intercept_target),
+        PlanOptions(
+            settings.ssh_port,
+            settings.listen_port,
+            settings.intercept_target,
+            settings.own_namespace_sources,
+        ),
     )
 
     configmaps: dict[tuple[str, str], dict[str, Any]] = {}
@@ -329,7 +337,11 @@ def compute(
     problems = dict(result.problems)
     for es_ref, reason in held.items():
         parsed = next((es.parsed for es in live if es.ref == es_ref), None)
-        extra = spec_problems(parsed, node_addresses) if parsed is not None else ()
+        extra = (
+            spec_problems(parsed, node_addresses, settings.own_namespace_sources)
+            if parsed is not None
+            else ()
+        )
         problems[es_ref] = tuple(dict.fromkeys((reason, *extra)))
     # Writes refused in this pass, on the ExternalServices that need those objects.
     owners = object_owners(snapshot, settings, assignment, held) if failures else {}

@@ -43,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="KEY=VALUE label of the nodes that may hold source IPs",
     )
     parser.add_argument("--ssh-port", type=int, default=2022, help="gateway SSH port")
+    parser.add_argument(
+        "--own-namespace-sources",
+        action="store_true",
+        help="an ExternalService may only name source Services of its own namespace "
+        "(multi-tenant clusters; the seed's example names other namespaces)",
+    )
     parser.add_argument("--kubeconfig", help="default: in-cluster, then $KUBECONFIG")
     parser.add_argument(
         "--no-leader-election",
@@ -56,9 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="namespace of the leader-election Lease (default: $POD_NAMESPACE, else the "
         "connector namespace)",
     )
-    parser.add_argument(
-        "--health-host", default="0.0.0.0", help="address of the /healthz endpoint"
-    )
+    parser.add_argument("--health-host", default="0.0.0.0", help="address of the /healthz endpoint")
     parser.add_argument(
         "--health-port",
         type=int,
@@ -81,6 +85,7 @@ def command_from(args: argparse.Namespace) -> OperatorCommand:
             connector_namespace=args.connector_namespace,
             gateway_label=(key, value),
             ssh_port=args.ssh_port,
+            own_namespace_sources=args.own_namespace_sources,
         ),
         kubeconfig=args.kubeconfig,
         leader_election=not args.no_leader_election,
