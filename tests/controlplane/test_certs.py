@@ -35,6 +35,7 @@ from k8s_ext_connector.certs.tls import (
 from k8s_ext_connector.core.kube import KubeClient, load_credentials
 from k8s_ext_connector.emulator import ApiServer
 from k8s_ext_connector.operator import rbac
+from tests.polling import wait_for, wait_for_async
 
 NS, SECRET, SERVICE, CONFIG = "external-services", "webhook-tls", "webhook", "extconn-webhook"
 CA_SECRET = "webhook-ca"
@@ -409,15 +410,15 @@ def test_serving_secret_without_ca_crt_gets_it(api: ApiServer, run: Run) -> None
 def _until_written(run: Run, settings: SyncSettings, api: ApiServer, timeout: float) -> float:
     """Sync repeatedly until one writes the Secret; every earlier run must write nothing.
     Returns when (wall clock) it happened."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def rotated() -> float | None:
         before = len(api.requests)
-        result = run(settings)
-        if result.secret_written:
+        if run(settings).secret_written:
             return time.time()
         assert _writes(api, before) == [], "a run with nothing due wrote something"
-        time.sleep(0.1)
-    raise AssertionError(f"no rotation within {timeout}s")
+        return None
+
+    return wait_for(rotated, timeout, "a rotation", interval=0.1)
 
 
 def test_short_lived_serving_certificate_rotates_before_expiry(api: ApiServer, run: Run) -> None:
@@ -566,11 +567,12 @@ def test_cli_sync_once_and_in_a_loop(
         task = asyncio.create_task(
             certs_main.sync_forever(load_credentials(str(kubeconfig)), settings, 0.05, stop)
         )
-        async with asyncio.timeout(10):
-            while (
-                sum(r.verb == "get" and r.resource == "secrets" for r in api.requests[before:]) < 3
-            ):
-                await asyncio.sleep(0.01)
+        await wait_for_async(
+            lambda: (
+                sum(r.verb == "get" and r.resource == "secrets" for r in api.requests[before:]) >= 3
+            ),
+            what="three rounds",
+        )
         stop.set()
         await asyncio.wait_for(task, timeout=5)
 
@@ -591,19 +593,18 @@ def test_the_loop_comes_back_soon_while_the_webhook_configuration_is_missing(
         task = asyncio.create_task(
             certs_main.sync_forever(load_credentials(str(kubeconfig)), settings, 3600, stop)
         )
-        async with asyncio.timeout(10):
-            while api.get_object("", "v1", "secrets", NS, SECRET) is None:
-                await asyncio.sleep(0.01)  # the first round ran without the configuration
-            api.create_object(
-                {
-                    "apiVersion": "admissionregistration.k8s.io/v1",
-                    "kind": "MutatingWebhookConfiguration",
-                    "metadata": {"name": "later"},
-                    "webhooks": [_webhook(WEBHOOKS[0])],
-                }
-            )
-            while not _bundles(api, "later")[0]:
-                await asyncio.sleep(0.01)
+        await wait_for_async(  # the first round ran without the configuration
+            lambda: api.get_object("", "v1", "secrets", NS, SECRET), what="the first round"
+        )
+        api.create_object(
+            {
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "MutatingWebhookConfiguration",
+                "metadata": {"name": "later"},
+                "webhooks": [_webhook(WEBHOOKS[0])],
+            }
+        )
+        await wait_for_async(lambda: _bundles(api, "later")[0], what="the caBundle")
         stop.set()
         await asyncio.wait_for(task, timeout=5)
 

@@ -20,7 +20,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,23 +188,9 @@ def run_logged(argv: Sequence[str], log: Path, *, timeout: float) -> None:
         raise CommandError(f"`{shlex.join(argv)}` {what} (full log {log}):\n{_tail(text, 60)}")
 
 
-def spaced(check: Callable[[], T | None], interval: float) -> Callable[[], T | None]:
-    """``check`` called at most once per ``interval``: a polling period for commands that
-    ask the API server or Docker, inside ``wait_for``'s deadline."""
-    last = [float("-inf")]
-
-    def paced() -> T | None:
-        pause = last[0] + interval - time.monotonic()
-        if pause > 0:
-            time.sleep(pause)
-        last[0] = time.monotonic()
-        return check()
-
-    return paced
-
-
 def until(check: Callable[[], T | None], timeout: float, what: str, interval: float = 1.0) -> T:
-    return wait_for(spaced(check, interval), timeout=timeout, what=what)
+    """``wait_for`` at a pace for commands that ask the API server or Docker."""
+    return wait_for(check, timeout=timeout, what=what, interval=interval)
 
 
 def until_seen(seen: Callable[[], str], expected: str, timeout: float, what: str) -> str:

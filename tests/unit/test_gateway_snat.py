@@ -17,8 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import asyncssh
@@ -48,6 +46,7 @@ from k8s_ext_connector.gateway.rules import (
     render_snat_rules,
 )
 from tests.golden_files import GoldenDir
+from tests.polling import wait_for_async
 from tests.unit.fake_iptables import FakeIptables
 
 pytestmark = pytest.mark.timeout(60)
@@ -306,14 +305,6 @@ def _agent_config(*sources: str) -> GatewayConfig:
     return GatewayConfig(sources=tuple(SourceIPConfig(s) for s in sources), ssh_port=port)
 
 
-async def _until(check: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 def _snat_sources(fake: FakeIptables) -> list[str]:
     return [spec.split()[1] for spec in fake.tables["nat"].get(SNAT_CHAIN, [])]
 
@@ -337,12 +328,13 @@ def test_agent_applies_follows_reloads_repairs_and_removes_the_guard() -> None:
 
         # Checks that find nothing to repair write nothing (no churn).
         restores, saves = len(fake.restores), fake.saves
-        await _until(lambda: fake.saves >= saves + 6, "three rounds of checks")
+        await wait_for_async(lambda: fake.saves >= saves + 6, what="three rounds of checks")
         assert len(fake.restores) == restores
 
         # A CNI resync inserts above the jump: the next check moves it back on top.
         fake.tables["nat"]["POSTROUTING"].insert(0, CNI_RESYNC)
-        await _until(lambda: fake.tables["nat"]["POSTROUTING"][0] == jump, "the jump on top")
+        await wait_for_async(lambda: fake.tables["nat"]["POSTROUTING"][0] == jump,
+                             what="the jump on top")
         assert fake.tables["nat"]["POSTROUTING"] == [jump, CNI_RESYNC, *KINDNET["POSTROUTING"]]
 
         # Reload: a source IP added, then the first one removed.
@@ -398,12 +390,12 @@ def test_a_failing_check_is_logged_and_retried(caplog: pytest.LogCaptureFixture)
         await agent.start()
         jump = render_snat_rules(config).jumps[0].spec
         fake.broken = True
-        await _until(lambda: caplog.text.count("checking iptables rules failed") >= 2,
-                     "two failed checks, logged")
+        await wait_for_async(lambda: caplog.text.count("checking iptables rules failed") >= 2,
+                             what="two failed checks, logged")
         fake.tables["nat"]["POSTROUTING"].insert(0, CNI_RESYNC)
         fake.broken = False
-        await _until(lambda: fake.tables["nat"]["POSTROUTING"][0] == jump,
-                     "the check working again")
+        await wait_for_async(lambda: fake.tables["nat"]["POSTROUTING"][0] == jump,
+                             what="the check working again")
         await agent.stop()
 
     with caplog.at_level(logging.ERROR, logger="k8s_ext_connector.gateway.agent"):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from k8s_ext_connector.core.errors import ConfigError
 from k8s_ext_connector.core.reload import ConfigWatcher
+from tests.polling import wait_for_async
 
 
 def _load(path: Path) -> str:
@@ -54,10 +55,7 @@ def test_unexpected_error_while_applying_is_retried_and_watching_goes_on(tmp_pat
         path.write_text("two")
         running = asyncio.create_task(watcher.run())
         try:
-            for _ in range(500):
-                if applied:
-                    break
-                await asyncio.sleep(0.01)
+            await wait_for_async(lambda: applied or running.done(), what="the retried apply")
             assert not running.done(), "the watcher task ended"
         finally:
             running.cancel()
