@@ -64,17 +64,21 @@ def _webhook(name: str) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def api(apiserver: ApiServer) -> ApiServer:
-    apiserver.create_object({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
-    apiserver.create_object(
+def _add_webhook_configuration(api: ApiServer, name: str, hooks: tuple[str, ...]) -> None:
+    api.create_object(
         {
             "apiVersion": "admissionregistration.k8s.io/v1",
             "kind": "MutatingWebhookConfiguration",
-            "metadata": {"name": CONFIG},
-            "webhooks": [_webhook(n) for n in WEBHOOKS],
+            "metadata": {"name": name},
+            "webhooks": [_webhook(n) for n in hooks],
         }
     )
+
+
+@pytest.fixture
+def api(apiserver: ApiServer) -> ApiServer:
+    apiserver.create_object({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
+    _add_webhook_configuration(apiserver, CONFIG, WEBHOOKS)
     return apiserver
 
 
@@ -230,14 +234,7 @@ def test_missing_webhook_configuration_is_published_once_it_appears(
     assert first.secret_written
     assert not first.webhook_config_found
     assert "not found" in first.summary()
-    api.create_object(
-        {
-            "apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "MutatingWebhookConfiguration",
-            "metadata": {"name": "later"},
-            "webhooks": [_webhook(WEBHOOKS[0])],
-        }
-    )
+    _add_webhook_configuration(api, "later", WEBHOOKS[:1])
     second = run(settings)
     assert not second.secret_written
     assert not second.ca_secret_written
@@ -596,14 +593,7 @@ def test_the_loop_comes_back_soon_while_the_webhook_configuration_is_missing(
         await wait_for_async(  # the first round ran without the configuration
             lambda: api.get_object("", "v1", "secrets", NS, SECRET), what="the first round"
         )
-        api.create_object(
-            {
-                "apiVersion": "admissionregistration.k8s.io/v1",
-                "kind": "MutatingWebhookConfiguration",
-                "metadata": {"name": "later"},
-                "webhooks": [_webhook(WEBHOOKS[0])],
-            }
-        )
+        _add_webhook_configuration(api, "later", WEBHOOKS[:1])
         await wait_for_async(lambda: _bundles(api, "later")[0], what="the caBundle")
         stop.set()
         await asyncio.wait_for(task, timeout=5)
