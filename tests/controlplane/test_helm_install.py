@@ -36,20 +36,16 @@ import pytest
 import yaml
 
 from k8s_ext_connector.emulator import ApiServer
+from k8s_ext_connector.emulator.clients import run_kubectl
 from k8s_ext_connector.operator.desired import GATEWAY_CONFIGMAP, host_key_secret_name
 from tests.chart.helm import CHART, RELEASE_NAMESPACE, helm
 from tests.polling import wait_for
+from tests.ports import free_port
 from tests.unit.samples import SEED_MANIFEST
 
 RELEASE = "ext-connector"
 CONNECTOR_NAMESPACE = "external-services"
 FULLNAME = "k8s-ext-connector"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass
@@ -61,13 +57,7 @@ class Installed:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def kubectl(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
-        result = subprocess.run(
-            ["kubectl", "--kubeconfig", str(self.kubeconfig), *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        result = run_kubectl(self.kubeconfig, args, stdin, cache_dir=self.workdir / "cache")
         if check:
             assert result.returncode == 0, f"kubectl {' '.join(args)}: {result.stderr}"
         return result.stdout
@@ -89,7 +79,7 @@ class Installed:
         env = {"POD_NAME": f"{component}-0", "POD_NAMESPACE": RELEASE_NAMESPACE}
         for variable in container.get("env", []):
             assert "valueFrom" in variable, variable
-        mapped = {p["containerPort"]: _free_port() for p in container.get("ports", [])}
+        mapped = {p["containerPort"]: free_port() for p in container.get("ports", [])}
         mounts = {m["mountPath"]: self._mount(spec, m["name"]) for m in container["volumeMounts"]}
         args = [self._expand(a, env, mapped, mounts) for a in container["args"]]
         log = (self.workdir / f"{component}.log").open("ab")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from pathlib import Path
 
 import asyncssh
@@ -47,6 +46,7 @@ from k8s_ext_connector.gateway.rules import (
 )
 from tests.golden_files import GoldenDir
 from tests.polling import wait_for_async
+from tests.ports import free_port
 from tests.unit.fake_iptables import FakeIptables
 
 pytestmark = pytest.mark.timeout(60)
@@ -294,14 +294,8 @@ def test_a_jump_that_need_not_be_first_stays_where_it_is() -> None:
 SOURCE_A, SOURCE_B = "127.0.0.2", "127.0.0.3"
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def _agent_config(*sources: str) -> GatewayConfig:
-    port = _free_port(SOURCE_A)
+    port = free_port(SOURCE_A)
     return GatewayConfig(sources=tuple(SourceIPConfig(s) for s in sources), ssh_port=port)
 
 

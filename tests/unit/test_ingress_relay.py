@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -23,6 +22,7 @@ from k8s_ext_connector.core.iptables import IptablesError
 from k8s_ext_connector.gateway.agent import GatewayAgent
 from k8s_ext_connector.gateway.ingress import IngressListener, IngressRelay, ingress_listeners
 from k8s_ext_connector.gateway.rules import INGRESS_CHAIN
+from tests import ports
 from tests.unit.fake_iptables import FakeIptables
 
 SOURCE_IP = "127.0.0.2"
@@ -33,9 +33,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def free_port(host: str = SOURCE_IP) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return ports.free_port(host)
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
