@@ -33,6 +33,7 @@ from k8s_ext_connector.certs.rotation import (
 )
 from k8s_ext_connector.certs.tls import Issued, service_dns_names, write_pair
 from k8s_ext_connector.core.errors import ConfigError, TransientError
+from k8s_ext_connector.core.fields import DNS_LABEL, DNS_SUBDOMAIN
 from k8s_ext_connector.core.kube import ApiError, Credentials, KubeClient, load_credentials
 from k8s_ext_connector.core.run import add_log_level, setup_logging
 
@@ -43,8 +44,6 @@ DEFAULT_DAYS = 365
 PENDING_RETRY = 10.0  # seconds between rounds while a round failed or the config is missing
 MAX_DAYS = 36500  # beyond this, not_valid_after runs into X.509's year 9999
 MAX_SECONDS = 366 * 86400
-_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
-_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -140,11 +139,13 @@ def _name(option: str, value: str, pattern: re.Pattern[str], what: str) -> str:
 
 
 def _label(option: str, value: str) -> str:
-    return _name(option, value, _LABEL, "a DNS label (lowercase letters, digits, '-')")
+    return _name(option, value, DNS_LABEL, "a DNS label (lowercase letters, digits, '-')")
 
 
 def _subdomain(option: str, value: str) -> str:
-    return _name(option, value, _SUBDOMAIN, "a DNS subdomain (lowercase letters, digits, '-', '.')")
+    return _name(
+        option, value, DNS_SUBDOMAIN, "a DNS subdomain (lowercase letters, digits, '-', '.')"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,11 +7,10 @@ and value of anything the seed's semantics cannot serve, e.g. a named ``targetPo
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from k8s_ext_connector.core.errors import ConfigError
-from k8s_ext_connector.core.fields import Fields
+from k8s_ext_connector.core.fields import DNS_1035_LABEL, DNS_LABEL, Fields
 
 GROUP = "submariner.io"
 VERSION = "v1alpha1"
@@ -56,26 +55,23 @@ class ExternalPort:
             )
         target_port = f.port("targetPort", port)  # seed semantics: defaults to port
         name = f.string("name", "")
-        if name and not _DNS_LABEL.fullmatch(name):  # it names the connector Service's port
+        if name and not DNS_LABEL.fullmatch(name):  # it names the connector Service's port
             raise ConfigError(f.path("name"), name, "must be a DNS label (a-z, 0-9, '-'; max 63)")
         port_spec = ExternalPort(port=port, target_port=target_port, protocol=protocol, name=name)
         f.done()
         return port_spec
 
 
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
-# What a Service name must be (RFC 1035 label): an ExternalService's name becomes one.
-_DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 def is_dns1035_label(value: str) -> bool:
     """Whether ``value`` can name a Service: a-z, 0-9 and '-', a letter first, max 63."""
-    return bool(_DNS_1035_LABEL.fullmatch(value))
+    return bool(DNS_1035_LABEL.fullmatch(value))
 
 
 def _dns_label(f: Fields, name: str) -> str:
     value = f.string(name)
-    if not _DNS_LABEL.fullmatch(value):
+    if not DNS_LABEL.fullmatch(value):
         raise ConfigError(f.path(name), value, "must be a DNS label (a-z, 0-9, '-'; max 63)")
     return value
 

@@ -7,6 +7,7 @@ fields, so a typo in a config file fails loudly instead of being silently ignore
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -14,6 +15,12 @@ from k8s_ext_connector.core.errors import ConfigError
 
 T = TypeVar("T")
 _MISSING = object()
+
+# Kubernetes object names (use with fullmatch): most names and namespaces are DNS labels
+# (RFC 1123), Secrets and other objects DNS subdomains, Services RFC 1035 labels.
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 def canonical_ip(text: str) -> str:

@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from k8s_ext_connector.certs.ssh import load_private_key
 from k8s_ext_connector.core import iptables
 from k8s_ext_connector.core.config import GatewayConfig, load_gateway_config
 from k8s_ext_connector.core.errors import ConfigError
+from k8s_ext_connector.core.fields import DNS_LABEL, DNS_SUBDOMAIN
 from k8s_ext_connector.core.health import serve_health
 from k8s_ext_connector.core.kube import KubeClient, load_credentials
 from k8s_ext_connector.core.reload import ConfigWatcher
@@ -50,8 +50,6 @@ from k8s_ext_connector.gateway.agent import RULES_CHECK_SECONDS, GatewayAgent
 from k8s_ext_connector.gateway.hostkey import HostKeySecret
 
 log = logging.getLogger(__name__)
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 @dataclass(frozen=True)
@@ -154,7 +152,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from(args: argparse.Namespace) -> GatewaySettings:
     namespace = args.namespace or os.environ.get("POD_NAMESPACE") or None
     if args.host_key_secret is not None:
-        if not _DNS_SUBDOMAIN.match(args.host_key_secret):
+        if not DNS_SUBDOMAIN.fullmatch(args.host_key_secret):
             raise ConfigError(
                 "--host-key-secret", args.host_key_secret, "is not a valid Secret name"
             )
@@ -162,7 +160,7 @@ def settings_from(args: argparse.Namespace) -> GatewaySettings:
             raise ConfigError(
                 "--namespace", "", "required with --host-key-secret (or set POD_NAMESPACE)"
             )
-        if not _DNS_LABEL.match(namespace):
+        if not DNS_LABEL.fullmatch(namespace):
             raise ConfigError("--namespace", namespace, "is not a valid namespace name")
     if not 0 <= args.health_port <= 65535:
         raise ConfigError("--health-port", args.health_port, "must be 0 (off) to 65535")
