@@ -174,3 +174,25 @@ subjects:
 {{- end }}
 {{- end }}
 {{- end -}}
+
+{{/*
+A PodDisruptionBudget keeping one replica of a component through voluntary disruptions,
+when the component has more than one. Call with (dict "root" $ "component" "webhook").
+*/}}
+{{- define "extconn.pdb" -}}
+{{- $values := index .root.Values .component -}}
+{{- if and $values.podDisruptionBudget.enabled (gt (int $values.replicas) 1) }}
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ include "extconn.fullname" .root }}-{{ .component }}
+  namespace: {{ .root.Release.Namespace }}
+  labels:
+    {{- include "extconn.labels" . | nindent 4 }}
+spec:
+  minAvailable: 1
+  selector:
+    matchLabels:
+      {{- include "extconn.selectorLabels" . | nindent 6 }}
+{{- end }}
+{{- end -}}
