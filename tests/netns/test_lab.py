@@ -208,6 +208,44 @@ def test_the_gateway_restarting(session: LabSession) -> None:
     assert_table(session)
 
 
+def test_a_killed_operator_is_restarted_like_its_deployment(session: LabSession) -> None:
+    """The operator's Deployment restarts a crashed operator: the lab reaps it (no zombie),
+    starts it again after a back-off, records the new pid, and the new one reconciles."""
+    plane = session.cluster
+    assert plane.operator is not None
+    old = plane.operator.popen
+    restarts = plane.operator_restarts
+    os.kill(old.pid, signal.SIGKILL)
+    wait_for(
+        lambda: plane.operator is not None
+        and plane.operator.popen.pid != old.pid
+        and plane.operator.alive(),
+        20,
+        "the lab to restart the operator",
+    )
+    assert old.poll() is not None  # reaped: not left a zombie
+    assert plane.operator_restarts == restarts + 1
+    new_pid = plane.operator.popen.pid
+
+    def recorded_operator() -> dict[str, Any] | None:
+        listed = {p["name"]: p for p in state.read_processes(session.state_dir)}
+        operator = listed.get("operator")
+        return operator if operator and operator["pid"] == new_pid else None
+
+    recorded = wait_for(recorded_operator, 10, "the processes file to name the new operator")
+    assert recorded["restarts"] == restarts + 1
+    # The new operator does its job: an edit is reconciled into the data path.
+    for ports in (PORT_8001, ((8000, 8000),)):
+        session.apply(seed_manifest(ports))
+        wait_for(
+            lambda: es(session)["status"].get("observedGeneration")
+            == es(session)["metadata"]["generation"],
+            15,
+            "the restarted operator to see the edit",
+        )
+        assert_table(session, tuple(port for port, _ in ports))
+
+
 def test_reissued_keys_are_followed_without_a_restart(session: LabSession) -> None:
     """Deleting and re-applying the ExternalService makes the operator issue new client
     keys; the kubelet swaps the mounted Secret files and the running sidecars pick the new

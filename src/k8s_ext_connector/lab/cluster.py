@@ -13,7 +13,9 @@ What runs, and who plays which part:
   kube-proxy and DNS would do is a URL map to the webhook's 127.0.0.1 port.
 - **Webhook**: ``webhook.main.serve`` (the real command's body) on an event loop thread.
 - **Operator**: ``k8s-ext-connector operator --no-leader-election``, a subprocess that
-  dies with its parent.
+  dies with its parent. The lab plays its Deployment: an operator that exits is reaped and
+  started again after a crash back-off (``CrashBackoff``, as the kubelet's), and the
+  restart is announced and counted (``lab status``).
 
 The kubelet, scheduler and kube-proxy are the lab's own (``lab/kubelet.py``).
 """
@@ -30,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Coroutine, Iterator
@@ -53,7 +56,7 @@ from k8s_ext_connector.emulator.resources import Registry
 from k8s_ext_connector.emulator.server import SYSTEM_NAMESPACES, AdmissionHook
 from k8s_ext_connector.emulator.store import Store
 from k8s_ext_connector.lab.netns import LabError
-from k8s_ext_connector.lab.topology import SERVICE_CIDR, Process
+from k8s_ext_connector.lab.topology import SERVICE_CIDR, CrashBackoff, Process
 from k8s_ext_connector.webhook.inject import InjectionSettings
 from k8s_ext_connector.webhook.main import WebhookCommand, serve
 from k8s_ext_connector.webhook.server import WebhookServer
@@ -64,6 +67,7 @@ Say = Callable[[str], None]
 
 CONNECTOR_NAMESPACE = "external-services"
 WEBHOOK_SERVICE = "k8s-ext-connector-webhook"
+OPERATOR_POLL_SECONDS = 0.2
 NODE_NAME = "gw1"
 GATEWAY_LABEL = ("ext-connector.submariner.io/gateway", "true")
 INJECTION_LABEL = ("external-service-injection", "enabled")
@@ -200,6 +204,13 @@ class ControlPlane:
     ca: Issued | None = None
     webhook: WebhookServer | None = None
     operator: Process | None = None
+    operator_restarts: int = 0
+    operator_backoff: CrashBackoff = field(default_factory=CrashBackoff)
+    _operator_started: float = 0.0
+    _operator_keeper: threading.Thread | None = None
+    _operator_callbacks: list[Callable[[], None]] = field(default_factory=list)
+    _operator_lock: threading.Lock = field(default_factory=threading.Lock)
+    _closing: threading.Event = field(default_factory=threading.Event)
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     _loop: LoopThread | None = None
     _webhook_stop: asyncio.Event | None = None
@@ -345,6 +356,25 @@ class ControlPlane:
         return bool(loop.call(lambda: server.index.sources_for(pod)))
 
     def start_operator(self) -> Process:
+        """Start the operator and keep it running, as its Deployment would: a process that
+        exits is started again after a crash back-off (doubling, capped, reset once a run
+        lasted long enough), and ``on_operator_change`` callbacks hear of every new pid."""
+        process = self._spawn_operator()
+        self.say(
+            "operator: `k8s-ext-connector operator --kubeconfig ... --no-leader-election`"
+            f" (pid {process.popen.pid}); the lab restarts it if it exits, as its Deployment"
+            " would"
+        )
+        self._operator_keeper = threading.Thread(
+            target=self._keep_operator, name="lab-operator-keeper", daemon=True
+        )
+        self._operator_keeper.start()
+        return process
+
+    def on_operator_change(self, callback: Callable[[], None]) -> None:
+        self._operator_callbacks.append(callback)
+
+    def _spawn_operator(self) -> Process:
         log_path = self.workdir / "operator.log"
         handle = log_path.open("ab")
         popen = subprocess.Popen(
@@ -371,17 +401,42 @@ class ControlPlane:
         )
         handle.close()
         self.operator = Process("operator", popen, log_path)
-        self.say(
-            "operator: `k8s-ext-connector operator --kubeconfig ... --no-leader-election`"
-            f" (pid {popen.pid})"
-        )
+        self._operator_started = time.monotonic()
         return self.operator
+
+    def _keep_operator(self) -> None:
+        """Reap an exited operator (no zombie) and start it again after the back-off."""
+        while not self._closing.wait(OPERATOR_POLL_SECONDS):
+            process = self.operator
+            if process is None or process.alive():
+                continue
+            ran = time.monotonic() - self._operator_started
+            delay = self.operator_backoff.after_exit(ran)
+            self.operator_restarts += 1
+            self.say(
+                f"as the operator's Deployment: operator pid {process.popen.pid} exited"
+                f" ({process.popen.returncode}) after {ran:.1f}s; restart"
+                f" #{self.operator_restarts} in {delay:.1f}s (crash back-off)"
+            )
+            if self._closing.wait(delay):
+                return
+            with self._operator_lock:
+                if self._closing.is_set():
+                    return
+                restarted = self._spawn_operator()
+            self.say(f"as the operator's Deployment: restarted it (pid {restarted.popen.pid})")
+            for callback in self._operator_callbacks:
+                callback()
 
     # ---- teardown -----------------------------------------------------------------------
     def close(self) -> None:
-        if self.operator is not None:
-            with contextlib.suppress(Exception):
-                self.operator.stop(timeout=5)
+        self._closing.set()
+        if self._operator_keeper is not None:
+            self._operator_keeper.join(10)
+        with self._operator_lock:
+            if self.operator is not None:
+                with contextlib.suppress(Exception):
+                    self.operator.stop(timeout=5)
         if self._loop is not None:
             if self._webhook_stop is not None and self._webhook_serving is not None:
                 self._loop.loop.call_soon_threadsafe(self._webhook_stop.set)
@@ -394,8 +449,6 @@ class ControlPlane:
 
 
 def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    import time
-
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:

@@ -64,6 +64,7 @@ from k8s_ext_connector.lab.topology import (
     GATEWAY_IFACE,
     POD_GATEWAY_IP,
     SERVICE_CIDR,
+    CrashBackoff,
     Lab,
     Pod,
     Process,
@@ -75,7 +76,7 @@ Obj = dict[str, Any]
 Say = Callable[[str], None]
 SYNC_INTERVAL = 0.2
 APP_PORT = 80
-BACKOFF_START, BACKOFF_MAX = 0.5, 10.0
+BACKOFF_START, BACKOFF_MAX, BACKOFF_RESET = 0.5, 10.0, 60.0
 PROXY_CHAIN = "LABPROXY-SERVICES"
 KUBELET_AGENT = f"{USER_AGENT} (kubelet)"
 _IPV4 = re.compile(r"(?<![\d.])(\d{1,3}(?:\.\d{1,3}){3})(?![\d.])")
@@ -161,7 +162,10 @@ class Container:
     process: Process | None = None
     restarts: int = 0
     next_start: float = 0.0
-    backoff: float = BACKOFF_START
+    started: float = 0.0
+    backoff: CrashBackoff = field(
+        default_factory=lambda: CrashBackoff(BACKOFF_START, BACKOFF_MAX, reset_after=BACKOFF_RESET)
+    )
     key_digest: str = ""  # of its key files when it started
     restart_reason: str = ""  # set when the lab itself stops it to start it again
 
@@ -517,9 +521,9 @@ class Kubelet:
                 reason, container.restart_reason = container.restart_reason, ""
             else:
                 code = container.process.popen.poll()
-                reason = f"exited ({code}); back-off {container.backoff:.1f}s"
-                container.next_start = time.monotonic() + container.backoff
-                container.backoff = min(container.backoff * 2, BACKOFF_MAX)
+                delay = container.backoff.after_exit(time.monotonic() - container.started)
+                reason = f"exited ({code}); back-off {delay:.1f}s"
+                container.next_start = time.monotonic() + delay
             self.say(
                 f"as kubelet: {owner}: container {container.name} {reason};"
                 f" restart #{container.restarts}"
@@ -528,6 +532,7 @@ class Kubelet:
             if time.monotonic() < container.next_start:
                 return True
         container.process = self.lab.spawn(process_name, ns, argv)
+        container.started = time.monotonic()
         self.say(
             f"as kubelet: {owner}: started {announce or container.name}"
             f" (pid {container.process.popen.pid})"

@@ -332,7 +332,7 @@ def _status(state_dir: Path) -> int:
             print((result.stdout + result.stderr).rstrip())
         except (LabError, OSError, subprocess.TimeoutExpired) as error:
             print(f"kubectl: {error}")
-    rows = [("process", "pid", "netns", "state")]
+    rows = [("process", "pid", "netns", "restarts", "state")]
     for process in state.read_processes(state_dir):
         pid = process.get("pid")
         alive = isinstance(pid, int) and state.is_ours(pid)
@@ -341,10 +341,11 @@ def _status(state_dir: Path) -> int:
                 str(process.get("name")),
                 str(pid),
                 str(process.get("netns") or "(host)"),
+                str(process.get("restarts", 0)),
                 "running" if alive else "gone",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     return 0 if record.alive else 1

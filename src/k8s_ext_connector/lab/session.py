@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -165,6 +166,7 @@ class LabSession:
         self.connections = connections
         self.plane: ControlPlane | None = None
         self.kubelet: Kubelet | None = None
+        self._processes_lock = threading.Lock()  # the kubelet and the operator keeper write
 
     @property
     def cluster(self) -> ControlPlane:
@@ -209,6 +211,7 @@ class LabSession:
             lab.workdir, self.state_dir / "kubeconfig", lambda t: say(f"control plane: {t}")
         )
         plane.install()
+        plane.on_operator_change(self.write_processes)
         plane.start_operator()
         plane.start_webhook()
         self.kubelet = kubelet = Kubelet(lab, plane, say)
@@ -473,10 +476,19 @@ class LabSession:
         return self.cluster.kubectl("get", ES_PLURAL, "-A")
 
     def write_processes(self) -> None:
+        with self._processes_lock:
+            self._write_processes()
+
+    def _write_processes(self) -> None:
         processes: list[dict[str, object]] = []
         if self.plane is not None and self.plane.operator is not None:
             processes.append(
-                {"name": "operator", "pid": self.plane.operator.popen.pid, "netns": ""}
+                {
+                    "name": "operator",
+                    "pid": self.plane.operator.popen.pid,
+                    "netns": "",
+                    "restarts": self.plane.operator_restarts,
+                }
             )
         processes += [
             {"name": p.name, "pid": p.popen.pid, "netns": self.lab.ext_ns}

@@ -73,6 +73,25 @@ _counter = itertools.count()
 
 
 @dataclass
+class CrashBackoff:
+    """Restart delays after exits, as a kubelet's CrashLoopBackOff: doubling from ``start``
+    up to ``maximum``, back to ``start`` once a run lasted ``reset_after`` seconds."""
+
+    start: float = 0.5
+    maximum: float = 10.0
+    reset_after: float = 60.0
+    delay: float = 0.0  # the next delay; 0 means start
+
+    def after_exit(self, ran_for: float) -> float:
+        """The delay before the next start of something that just exited."""
+        if ran_for >= self.reset_after or self.delay == 0.0:
+            self.delay = self.start
+        current = self.delay
+        self.delay = min(self.delay * 2, self.maximum)
+        return current
+
+
+@dataclass
 class Process:
     name: str
     popen: subprocess.Popen[bytes]
