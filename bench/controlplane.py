@@ -8,7 +8,8 @@ What it does, in order:
    connector namespace ``external-services``, N namespaces, one source Service per source of
    each ExternalService and one pod behind each (as the webhook would have injected it: an
    ``ext-connector`` init container). The harness then plays the kubelet over HTTP: Ready
-   gateway nodes labelled ``ext-connector.submariner.io/gateway=true`` and each pod's status
+   gateway nodes labelled ``node-restriction.kubernetes.io/ext-connector-gateway=true``
+   and each pod's status
    (Running, ready ``ext-connector`` init container status).
 3. Starts the operator as a subprocess, exactly as deployed minus the Lease:
    ``python -m k8s_ext_connector operator --kubeconfig K --no-leader-election``, and waits for
@@ -71,6 +72,7 @@ from typing import Any
 import aiohttp
 import yaml
 
+from k8s_ext_connector.core.api import GATEWAY_NODE_LABEL
 from k8s_ext_connector.emulator import ApiServer, RecordedRequest
 from k8s_ext_connector.emulator.store import WatchEvent
 
@@ -79,7 +81,7 @@ ROOT = SCRIPT.parents[1]
 RESULTS = SCRIPT.parent / "results" / "controlplane.md"
 CRD = ROOT / "charts" / "k8s-ext-connector" / "crds" / "externalservices.submariner.io.yaml"
 CONNECTOR_NS = "external-services"
-GATEWAY_LABEL = "ext-connector.submariner.io/gateway"
+GATEWAY_LABEL = GATEWAY_NODE_LABEL[0]
 GATEWAY_CM = "ext-connector-gateway"
 HOST_KEYS_ANNOTATION = "ext-connector.submariner.io/host-keys"
 ES = ("submariner.io", "v1alpha1", "externalservices")

@@ -309,7 +309,7 @@ def test_gateway_reads_its_own_node_config_and_key(default_render: list[dict[str
     daemonset = one(default_render, "DaemonSet", "gateway")
     assert daemonset["metadata"]["namespace"] == CONNECTOR_NAMESPACE
     spec = daemonset["spec"]["template"]["spec"]
-    assert spec["nodeSelector"] == {"ext-connector.submariner.io/gateway": "true"}
+    assert spec["nodeSelector"] == {"node-restriction.kubernetes.io/ext-connector-gateway": "true"}
     (container,) = spec["containers"]
     args = container["args"]
     assert f"--host-key-secret={host_key_secret_name('$(NODE_NAME)')}" in args

@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 import yaml
 
+from k8s_ext_connector.core.api import GATEWAY_NODE_LABEL
 from k8s_ext_connector.emulator import ApiServer
 from k8s_ext_connector.emulator.clients import run_kubectl
 from k8s_ext_connector.operator.desired import GATEWAY_CONFIGMAP, host_key_secret_name
@@ -194,7 +195,7 @@ def test_install_creates_every_object_and_prints_the_next_three_commands(
         "externalservices.submariner.io",
     )  # fmt: skip
     for command in (
-        "kubectl label node <node> ext-connector.submariner.io/gateway=true",
+        "kubectl label node <node> node-restriction.kubernetes.io/ext-connector-gateway=true",
         "kubectl label namespace <namespace> external-service-injection=enabled",
         "kubectl apply -f -",
     ):
@@ -264,7 +265,7 @@ def test_the_charts_commands_issue_certificates_serve_and_reconcile(
         {
             "apiVersion": "v1",
             "kind": "Node",
-            "metadata": {"name": "gw1", "labels": {"ext-connector.submariner.io/gateway": "true"}},
+            "metadata": {"name": "gw1", "labels": {GATEWAY_NODE_LABEL[0]: GATEWAY_NODE_LABEL[1]}},
         }
     )
     ready = '{"status": {"conditions": [{"type": "Ready", "status": "True"}]}}'

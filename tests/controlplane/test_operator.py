@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from k8s_ext_connector.core.api import GATEWAY_NODE_LABEL
 from k8s_ext_connector.emulator import ApiServer
 from k8s_ext_connector.emulator.clients import run_kubectl
 from k8s_ext_connector.operator import rbac
@@ -29,7 +30,7 @@ from tests.unit.samples import SEED_MANIFEST
 
 ROOT = Path(__file__).parents[2]
 CRD = ROOT / "charts" / "k8s-ext-connector" / "crds" / "externalservices.submariner.io.yaml"
-GATEWAY_LABEL = "ext-connector.submariner.io/gateway"
+GATEWAY_LABEL = GATEWAY_NODE_LABEL[0]
 
 SEED = SEED_MANIFEST  # the seed's example, unchanged
 

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from k8s_ext_connector.core.api import ServiceRef
+from k8s_ext_connector.core.api import GATEWAY_NODE_LABEL, ServiceRef
 from k8s_ext_connector.operator.desired import client_secret_name, sidecar_configmap_name
 from k8s_ext_connector.operator.snapshot import SIDECAR_CONTAINER
 from tests.polling import wait_for
@@ -46,7 +46,7 @@ IMAGE = "k8s-ext-connector:e2e"
 RELEASE = "ext-connector"
 RELEASE_NAMESPACE = "k8s-ext-connector"  # operator, webhook, certs
 CONNECTOR_NAMESPACE = "external-services"  # connector Services, gateways, their config
-GATEWAY_LABEL = "ext-connector.submariner.io/gateway=true"
+GATEWAY_LABEL = "=".join(GATEWAY_NODE_LABEL)
 INJECTION_LABEL = "external-service-injection=enabled"
 COMPONENT_SELECTOR = "app.kubernetes.io/name=k8s-ext-connector"
 ES_NAME = "my-externalservice"

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from k8s_ext_connector.core.api import ServiceRef
+from k8s_ext_connector.core.api import GATEWAY_NODE_LABEL, ServiceRef
 from k8s_ext_connector.core.planner import Problem
 from k8s_ext_connector.operator.assign import assign_gateways, eligible_nodes
 from k8s_ext_connector.operator.desired import (
@@ -34,7 +34,7 @@ from k8s_ext_connector.operator.snapshot import (
 )
 from tests.unit.samples import KEY_A, KEY_B, KEY_C, seed_spec
 
-LABEL = ("ext-connector.submariner.io/gateway", "true")
+LABEL = GATEWAY_NODE_LABEL
 SVC1 = ServiceRef("ns1", "my-service1")
 SVC2 = ServiceRef("ns2", "my-service2")
 SETTINGS = OperatorSettings()

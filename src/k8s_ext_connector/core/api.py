@@ -16,6 +16,49 @@ GROUP = "submariner.io"
 VERSION = "v1alpha1"
 KIND = "ExternalService"
 
+# The label that makes a node a gateway (the DaemonSet's nodeSelector, the operator's
+# candidates). Its key is under the prefix the NodeRestriction admission plugin forbids
+# kubelets to set on their own Node, so only an administrator can make a node a gateway.
+NODE_RESTRICTION_PREFIX = "node-restriction.kubernetes.io/"
+GATEWAY_NODE_LABEL = (f"{NODE_RESTRICTION_PREFIX}ext-connector-gateway", "true")
+# The prototype's label: a kubelet may set it on itself (opt-in, with a warning).
+SELF_ASSIGNABLE_GATEWAY_LABEL = ("ext-connector.submariner.io/gateway", "true")
+
+
+# What NodeRestriction still lets a kubelet set inside the kubernetes.io/k8s.io domains.
+_KUBELET_LABEL_PREFIXES = (
+    "kubelet.kubernetes.io/",
+    "node.kubernetes.io/",
+    "kubelet.k8s.io/",
+    "node.k8s.io/",
+)
+_KUBELET_LABELS = frozenset(
+    {
+        "kubernetes.io/hostname",
+        "kubernetes.io/arch",
+        "kubernetes.io/os",
+        "beta.kubernetes.io/arch",
+        "beta.kubernetes.io/os",
+        "beta.kubernetes.io/instance-type",
+        "node.kubernetes.io/instance-type",
+        "failure-domain.beta.kubernetes.io/region",
+        "failure-domain.beta.kubernetes.io/zone",
+        "topology.kubernetes.io/region",
+        "topology.kubernetes.io/zone",
+    }
+)
+
+
+def node_may_set_label(key: str) -> bool:
+    """Whether a node's own kubelet may set the label ``key`` on its Node object, as the
+    NodeRestriction admission plugin decides: anything outside the ``kubernetes.io`` and
+    ``k8s.io`` domains, and inside them only a fixed list and two prefixes, which never
+    include ``node-restriction.kubernetes.io/``."""
+    domain = key.partition("/")[0] if "/" in key else ""
+    if not any(domain == d or domain.endswith("." + d) for d in ("kubernetes.io", "k8s.io")):
+        return True
+    return key in _KUBELET_LABELS or key.startswith(_KUBELET_LABEL_PREFIXES)
+
 
 @dataclass(frozen=True, order=True)
 class ServiceRef:

@@ -49,6 +49,7 @@ from k8s_ext_connector.certs.tls import (
     service_dns_names,
     write_pair,
 )
+from k8s_ext_connector.core.api import GATEWAY_NODE_LABEL
 from k8s_ext_connector.emulator import ApiError, ApiServer
 from k8s_ext_connector.emulator.admission import webhook_admission
 from k8s_ext_connector.emulator.clients import run_kubectl
@@ -69,7 +70,7 @@ CONNECTOR_NAMESPACE = "external-services"
 WEBHOOK_SERVICE = "k8s-ext-connector-webhook"
 OPERATOR_POLL_SECONDS = 0.2
 NODE_NAME = "gw1"
-GATEWAY_LABEL = ("ext-connector.submariner.io/gateway", "true")
+GATEWAY_LABEL = GATEWAY_NODE_LABEL  # an administrator's label (NodeRestriction)
 INJECTION_LABEL = ("external-service-injection", "enabled")
 ES_GROUP, ES_VERSION, ES_PLURAL = "submariner.io", "v1alpha1", "externalservices"
 USER_AGENT = "k8s-ext-connector-lab"

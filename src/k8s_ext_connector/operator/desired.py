@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from k8s_ext_connector.core.api import ServiceRef
+from k8s_ext_connector.core.api import GATEWAY_NODE_LABEL, ServiceRef
 from k8s_ext_connector.core.config import GatewayConfig, SidecarConfig, SourceIPConfig, dump
 from k8s_ext_connector.core.planner import (
     INVALID_NAME,
@@ -73,7 +73,7 @@ ObjectRef = tuple[str, str, str]
 @dataclass(frozen=True)
 class OperatorSettings:
     connector_namespace: str = "external-services"
-    gateway_label: tuple[str, str] = ("ext-connector.submariner.io/gateway", "true")
+    gateway_label: tuple[str, str] = GATEWAY_NODE_LABEL
     ssh_port: int = 2022
     listen_port: int = 15001
     intercept_target: bool = True

@@ -9,6 +9,7 @@ import os
 import socket
 from dataclasses import dataclass
 
+from k8s_ext_connector.core.api import NODE_RESTRICTION_PREFIX, node_may_set_label
 from k8s_ext_connector.core.errors import ConfigError
 from k8s_ext_connector.core.health import serve_health
 from k8s_ext_connector.core.kube import KubeClient, load_credentials
@@ -39,8 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--gateway-label",
-        default="ext-connector.submariner.io/gateway=true",
-        help="KEY=VALUE label of the nodes that may hold source IPs",
+        default="=".join(OperatorSettings.gateway_label),
+        help="KEY=VALUE label of the nodes that may hold source IPs; the default's key is "
+        "one a node's kubelet cannot set on itself (NodeRestriction); a label a kubelet may "
+        "set is accepted with a warning",
     )
     parser.add_argument("--ssh-port", type=int, default=2022, help="gateway SSH port")
     parser.add_argument(
@@ -97,9 +100,24 @@ def command_from(args: argparse.Namespace) -> OperatorCommand:
     )
 
 
+def warn_if_nodes_may_self_label(gateway_label: tuple[str, str]) -> None:
+    """A gateway label a kubelet may set lets a compromised node become a gateway."""
+    key, value = gateway_label
+    if node_may_set_label(key):
+        log.warning(
+            "--gateway-label %s=%s: a node's own kubelet may set this label, so a compromised "
+            "node can make itself a gateway and be given source IPs; prefer a key under %s "
+            "(docs/security.md)",
+            key,
+            value,
+            NODE_RESTRICTION_PREFIX,
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     command = command_from(args)
     setup_logging(command.log_level)
+    warn_if_nodes_may_self_label(command.settings.gateway_label)
     if command.log_level != "debug":
         # kopf logs every handler call at INFO: at 1,000 objects that is most of the CPU.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
