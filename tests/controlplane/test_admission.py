@@ -97,7 +97,7 @@ def sidecars(pod: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def start_webhook(cluster: Cluster, tls_dir: Path) -> None:
+def start_webhook(cluster: Cluster, tls_dir: Path, own_namespace_sources: bool = False) -> None:
     command = WebhookCommand(
         tls_dir=tls_dir,
         host="127.0.0.1",
@@ -106,6 +106,7 @@ def start_webhook(cluster: Cluster, tls_dir: Path) -> None:
         injection=InjectionSettings(image=IMAGE),
         drain_seconds=0,
         log_level="info",
+        own_namespace_sources=own_namespace_sources,
     )
     started: list[WebhookServer] = []
     cluster.stop = cluster.loop.call(asyncio.Event)
@@ -194,6 +195,101 @@ def test_pods_no_source_selects_are_not_injected(cluster: Cluster) -> None:
     wait_for(lambda: cluster.sees("ns1", {"app": "my-app"}), what="the ExternalService")
     assert sidecars(cluster.run_pod("ns1", "other-app", labels="app=other")) == []
     assert len(sidecars(cluster.run_pod("ns1", "now-selected"))) == 1
+
+
+def test_a_refused_externalservice_never_injects_another_tenants_pods(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Issue 18 item 1: ns3 names ns1's Service with targetIP 127.0.0.1, in a cluster whose
+    operator and webhook run with --own-namespace-sources. The victim's pod starts without
+    a patch; the refusal the operator records (here NodeAddress, which only it can judge)
+    stops injection too; a valid ExternalService next to them still injects."""
+    stop_webhook(cluster)
+    start_webhook(cluster, tmp_path / "tls", own_namespace_sources=True)
+    cluster.kubectl("create", "ns", "ns3")
+    attack = {
+        "apiVersion": "submariner.io/v1alpha1",
+        "kind": "ExternalService",
+        "metadata": {"name": "attack", "namespace": "ns3"},
+        "spec": {
+            "targetIP": "127.0.0.1",
+            "sources": [
+                {"service": {"namespace": "ns1", "name": "my-service1"}, "sourceIP": "203.0.113.9"}
+            ],
+            "ports": [{"protocol": "TCP", "port": 5432}],
+        },
+    }
+    cluster.apply(attack)
+    # Refused by the operator for NodeAddress (recorded for this generation).
+    node_address = {
+        "apiVersion": "submariner.io/v1alpha1",
+        "kind": "ExternalService",
+        "metadata": {"name": "node-address", "namespace": "ns1"},
+        "spec": {
+            "targetIP": "203.0.113.10",
+            "sources": [
+                {"service": {"namespace": "ns1", "name": "my-service1"}, "sourceIP": "203.0.113.1"}
+            ],
+            "ports": [{"protocol": "TCP", "port": 5432}],
+        },
+    }
+    cluster.apply(node_address)
+    stored = cluster.api.get_object(
+        "submariner.io", "v1alpha1", "externalservices", "ns1", "node-address"
+    )
+    assert stored is not None
+    refusal = {
+        "status": {
+            "observedGeneration": stored["metadata"]["generation"],
+            "conditions": [
+                {
+                    "type": "Accepted",
+                    "status": "False",
+                    "reason": "NodeAddress",
+                    "message": "spec.sources[0].sourceIP: 203.0.113.1 is an address of node n1",
+                    "observedGeneration": stored["metadata"]["generation"],
+                }
+            ],
+        }
+    }
+    cluster.kubectl(
+        "patch", "externalservice", "node-address", "-n", "ns1", "--subresource=status",
+        "--type=merge", "-p", json.dumps(refusal),
+    )  # fmt: skip
+    # A valid one for another Service, applied last: once the webhook sees it, it has seen
+    # (and refused) the two before it, as watch events arrive in order.
+    cluster.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "fine", "namespace": "ns1"},
+            "spec": {"selector": {"app": "fine"}, "ports": [{"port": 80}]},
+        }
+    )
+    valid = {
+        "apiVersion": "submariner.io/v1alpha1",
+        "kind": "ExternalService",
+        "metadata": {"name": "valid", "namespace": "ns1"},
+        "spec": {
+            "targetIP": "203.0.113.10",
+            "sources": [
+                {"service": {"namespace": "ns1", "name": "fine"}, "sourceIP": "203.0.113.7"}
+            ],
+            "ports": [{"protocol": "TCP", "port": 5432}],
+        },
+    }
+    cluster.apply(valid)
+    wait_for(lambda: cluster.sees("ns1", {"app": "fine"}), what="the valid ExternalService")
+    assert not cluster.sees("ns1", {"app": "my-app"})
+    victim = cluster.run_pod("ns1", "victim")
+    assert sidecars(victim) == []
+    assert "ext-connector.submariner.io/injected" not in (
+        victim["metadata"].get("annotations") or {}
+    )
+    assert not any(
+        "ext-connector" in v["name"] for v in victim["spec"].get("volumes") or []
+    )
+    assert len(sidecars(cluster.run_pod("ns1", "fine-pod", labels="app=fine"))) == 1
 
 
 def test_deleted_externalservice_stops_injection(cluster: Cluster) -> None:

@@ -49,6 +49,18 @@ class ExternalServiceRecord:
     def parsed(self) -> ExternalService | None:
         return ExternalService(self.namespace, self.name, self.spec) if self.spec else None
 
+    def refusal(self) -> str:
+        """The operator's recorded refusal of this very spec (Accepted=False written for the
+        current generation): its reason and message, or "" when there is none. A refusal of
+        an older generation says nothing about the current spec."""
+        for condition in self.status.get("conditions") or []:
+            if not isinstance(condition, Mapping) or condition.get("type") != "Accepted":
+                continue
+            observed = condition.get("observedGeneration", self.status.get("observedGeneration"))
+            if condition.get("status") == "False" and observed == self.generation:
+                return f"{condition.get('reason', '')}: {condition.get('message', '')}"
+        return ""
+
 
 @dataclass(frozen=True)
 class ServiceRecord:

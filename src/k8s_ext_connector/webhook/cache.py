@@ -2,8 +2,9 @@
 
 Admission must answer in milliseconds and never list per request, so the answer comes
 from memory. ``SourceCache`` is the pure, synchronous state (Services by namespace and
-name with their selectors; the source ServiceRefs of every valid, non-deleting
-ExternalService); ``follow`` fills it by list + watch through ``KubeClient``:
+name with their selectors; the source ServiceRefs of every non-deleting ExternalService
+that the operator does not refuse, ``injection_refusal``); ``follow`` fills it by list +
+watch through ``KubeClient``:
 
 - one list per resource, then a watch from the list's resourceVersion; the cache is
   ``ready`` only once both initial lists are in;
@@ -28,7 +29,8 @@ from typing import Any, Protocol
 from k8s_ext_connector.core.api import ServiceRef
 from k8s_ext_connector.core.errors import TransientError
 from k8s_ext_connector.core.kube import EXTERNALSERVICES, SERVICES, ApiError, Resource
-from k8s_ext_connector.operator.snapshot import externalservice_record
+from k8s_ext_connector.core.planner import spec_problems
+from k8s_ext_connector.operator.snapshot import ExternalServiceRecord, externalservice_record
 from k8s_ext_connector.webhook.inject import sources_selecting
 
 log = logging.getLogger(__name__)
@@ -68,22 +70,49 @@ def _selector(obj: Obj) -> dict[str, str]:
     return {str(k): str(v) for k, v in selector.items()}
 
 
-def _sources(obj: Obj) -> frozenset[ServiceRef]:
-    """The source services of a valid ExternalService that is not being deleted."""
+def injection_refusal(record: ExternalServiceRecord, own_namespace_sources: bool) -> str:
+    """Why the pods of ``record``'s sources must not get the sidecar, or "".
+
+    The webhook injects only what the operator serves, or a pod would wait forever for a
+    config and key that never come (and whoever may write an ExternalService could stall
+    another tenant's pods). Two sources, so that neither a fresh ExternalService nor one
+    the operator has not seen yet is decided on a guess: the same spec checks as the
+    operator (``planner.spec_problems``, with the same own-namespace setting; node
+    addresses are the operator's to know), and the operator's recorded refusal of this
+    generation (``Accepted=False``), which covers whatever else it refuses.
+    """
+    parsed = record.parsed
+    if parsed is None:
+        return record.invalid or "invalid spec"
+    problems = spec_problems(parsed, {}, own_namespace_sources)
+    if problems:
+        return "; ".join(f"{p.reason}: {p}" for p in problems)
+    return record.refusal()
+
+
+def _sources(obj: Obj, own_namespace_sources: bool) -> frozenset[ServiceRef]:
+    """The source services of an acceptable ExternalService that is not being deleted."""
     try:
         record = externalservice_record(obj)
     except (ValueError, TypeError, AttributeError) as error:  # not what an API server sends
         log.warning("ignoring a malformed ExternalService %s: %s", _key(obj), error)
         return frozenset()
-    if record.spec is None or record.deleting:
+    if record.deleting:
         return frozenset()
+    refusal = injection_refusal(record, own_namespace_sources)
+    if refusal:
+        log.info("ExternalService %s: no injection for its sources: %s", record.ref, refusal)
+        return frozenset()
+    assert record.spec is not None
     return frozenset(source.service for source in record.spec.sources)
 
 
 class SourceCache:
     """Services and ExternalService sources in memory; ``sources_for`` is the fast path."""
 
-    def __init__(self) -> None:
+    def __init__(self, own_namespace_sources: bool = False) -> None:
+        # The operator's --own-namespace-sources: sources elsewhere are never injected.
+        self._own_namespace_sources = own_namespace_sources
         # namespace -> name -> selector (Services without a selector select nothing)
         self._services: dict[str, dict[str, dict[str, str]]] = {}
         # ExternalService (namespace, name) -> its source services
@@ -156,7 +185,7 @@ class SourceCache:
     def put_externalservice(self, obj: Obj) -> None:
         key = _key(obj)
         self._count(self._externalservices.pop(key, frozenset()), -1)
-        sources = _sources(obj)
+        sources = _sources(obj, self._own_namespace_sources)
         if sources:
             self._externalservices[key] = sources
             self._count(sources, +1)

@@ -48,6 +48,7 @@ class WebhookCommand:
     injection: InjectionSettings
     drain_seconds: float
     log_level: str
+    own_namespace_sources: bool = False
 
     @property
     def cert_path(self) -> Path:
@@ -88,6 +89,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sidecar-memory-request", default=DEFAULTS.memory_request)
     parser.add_argument("--sidecar-cpu-limit", default=DEFAULTS.cpu_limit)
     parser.add_argument("--sidecar-memory-limit", default=DEFAULTS.memory_limit)
+    parser.add_argument(
+        "--own-namespace-sources",
+        action="store_true",
+        help="inject only for sources in the ExternalService's own namespace; must match "
+        "the operator's flag of the same name",
+    )
     parser.add_argument(
         "--drain-seconds",
         type=float,
@@ -139,6 +146,7 @@ def command_from(args: argparse.Namespace) -> WebhookCommand:
         injection=injection,
         drain_seconds=float(args.drain_seconds),
         log_level=args.log_level,
+        own_namespace_sources=args.own_namespace_sources,
     )
 
 
@@ -158,7 +166,7 @@ async def serve(
     ``listening`` is called once the HTTPS listener is up (tests learn the port from it).
     """
     credentials = load_credentials(command.kubeconfig)
-    cache = SourceCache()
+    cache = SourceCache(command.own_namespace_sources)
     certificate = ServingCertificate(command.cert_path, command.key_path)
     server = WebhookServer(cache, command.injection, certificate)
     if stop is None:
