@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 need=()
 for pair in iptables-nft-restore:iptables ip:iproute2 ssh:openssh-client sshd:openssh-server \
-            ps:procps ss:iproute2; do
+            ps:procps ss:iproute2 nft:nftables; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need+=("${pair##*:}")
 done
 if [ "${#need[@]}" -gt 0 ]; then
