@@ -99,7 +99,8 @@ def test_bad_input_exits_2_with_one_line_and_touches_no_rules(seed_lab: SeedLab,
     assert lab.iptables_save(pod.netns) == before
 
 
-def test_missing_key_file_exits_2(seed_lab: SeedLab) -> None:
+def test_missing_key_file_exits_2_with_the_rules_in(seed_lab: SeedLab) -> None:
+    """The rules go in as soon as the config is valid, before the key: fail closed."""
     lab = seed_lab.lab
     pod = lab.pods["other-pod"]
     config = lab.workdir / "ok.yaml"
@@ -109,7 +110,9 @@ def test_missing_key_file_exits_2(seed_lab: SeedLab) -> None:
     assert result.stderr.strip() == (
         "k8s-ext-connector sidecar: error: --ssh-key: '/nonexistent/key': No such file or directory"
     )
-    assert egress_rules(lab, "other-pod") == []
+    rules = egress_rules(lab, "other-pod")
+    assert len(rules) == 2  # the jump and the one intercept
+    assert "-d 198.51.100.130/32" in rules[-1]
 
 
 def test_crashed_sidecar_fails_closed_and_restart_replaces_leftovers(seed_lab: SeedLab) -> None:
@@ -128,12 +131,16 @@ def test_crashed_sidecar_fails_closed_and_restart_replaces_leftovers(seed_lab: S
     assert first(lab, "my-pod1") == SOURCE_IPS[0]
 
 
-def test_sigterm_removes_every_rule(seed_lab: SeedLab) -> None:
+def test_sigterm_keeps_every_rule_and_fails_closed(seed_lab: SeedLab) -> None:
+    """The rules die with the pod's namespace, never with the sidecar (issue #10)."""
     lab = seed_lab.lab
+    rules = egress_rules(lab, "my-pod2")
     assert lab.pods["my-pod2"].sidecar is not None
     assert lab.pods["my-pod2"].sidecar.stop(signal.SIGTERM) == 0
-    assert egress_rules(lab, "my-pod2") == []
-    assert "EXTCONN" not in lab.iptables_save(lab.pods["my-pod2"].netns)
+    assert egress_rules(lab, "my-pod2") == rules
+    assert first(lab, "my-pod2") == "error: ConnectionRefusedError"
+    assert first(lab, "my-pod2", EXTERNAL_SERVER_IP) == "error: ConnectionRefusedError"
+    assert lab.server_log() == []
 
 
 def test_readiness_follows_the_gateway_session(seed_lab: SeedLab) -> None:
@@ -167,7 +174,6 @@ def test_sidecar_needs_only_net_admin_and_net_raw(seed_lab: SeedLab) -> None:
     assert effective == (1 << 12) | (1 << 13)  # CAP_NET_ADMIN, CAP_NET_RAW
     assert first(lab, "other-pod") == SOURCE_IPS[0]
     assert process.stop(signal.SIGTERM) == 0
-    assert egress_rules(lab, "other-pod") == []
 
 
 def test_reissued_key_is_picked_up_without_a_restart(seed_lab: SeedLab) -> None:

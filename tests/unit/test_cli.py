@@ -1,4 +1,5 @@
-"""CLI bad input: exit 2 with one stderr line naming field and value, before any side effect.
+"""CLI bad input: exit 2 with one stderr line naming field and value, before any side effect
+(but the sidecar's egress rules, which go in as soon as its config is valid: fail closed).
 
 No root needed: every subprocess (iptables, ip) and the agents' event loop are replaced by
 functions that fail the test if reached, which proves validation runs first.
@@ -19,6 +20,8 @@ from k8s_ext_connector import cli
 from k8s_ext_connector.core import iptables
 from k8s_ext_connector.gateway import main as gateway_main
 from k8s_ext_connector.sidecar import main as sidecar_main
+from k8s_ext_connector.sidecar.rules import EGRESS_CHAIN
+from tests.unit.fake_iptables import FakeIptables
 from tests.unit.samples import KEY_A, gateway_doc, patched, sidecar_doc
 
 
@@ -84,9 +87,6 @@ SIDECAR_BAD_CONFIGS = [
     pytest.param(patched(sidecar_doc(), ("rules", 0, "gateway", "hostKey"), KEY_A[:-12]),
                  ["rules[0].gateway.hostKey", "is not an OpenSSH public key"],
                  id="bad-host-key"),
-    pytest.param(patched(sidecar_doc(), ("rules", 0, "intercept", 0, "address"), "fd00::10"),
-                 ["rules[0].intercept[0].address", "'fd00::10'", "IPv6"],
-                 id="ipv6-intercept-unsupported"),
     # Bug: a YAML reader error (a control character) prints a two-line message.
     pytest.param('rules: []\nx: "a\x07b"\n', ["config.yaml", "not valid YAML"],
                  id="control-character"),
@@ -126,8 +126,11 @@ def test_sidecar_missing_config_file(tmp_path: Path, private_key: Path,
         pytest.param("directory", "Is a directory", id="directory"),
     ],
 )
-def test_sidecar_bad_ssh_key(tmp_path: Path, private_key: Path,
+def test_sidecar_bad_ssh_key(tmp_path: Path, private_key: Path, monkeypatch: pytest.MonkeyPatch,
                              capsys: pytest.CaptureFixture[str], key: str, reason: str) -> None:
+    """The one side effect before the key: the config's rules, so a bad key fails closed."""
+    fake = FakeIptables()
+    monkeypatch.setattr(sidecar_main, "_firewall", lambda settings: fake)
     paths = {
         "missing": tmp_path / "absent",
         "text": tmp_path / "hello.txt",
@@ -140,6 +143,7 @@ def test_sidecar_bad_ssh_key(tmp_path: Path, private_key: Path,
     line = _one_error_line(capsys, "sidecar")
     assert code == 2
     assert f"--ssh-key: '{paths[key]}': {reason}" in line
+    assert len(fake.tables["nat"][EGRESS_CHAIN]) == 2
 
 
 def test_sidecar_config_checked_before_key(tmp_path: Path,

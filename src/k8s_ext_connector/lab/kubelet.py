@@ -364,7 +364,8 @@ class Kubelet:
 
     def _stop_pod(self, runtime: PodRuntime) -> None:
         runtime.app.stop()
-        runtime.sidecar.stop()  # SIGTERM: the sidecar removes its rules
+        runtime.sidecar.stop()  # SIGTERM: the sidecar stops, its rules stay (fail closed)
+        self.lab.reset_pod_network(runtime.lab_pod.name)  # the pod's netns would die here
         shutil.rmtree(runtime.root, ignore_errors=True)
         self.say(f"as kubelet: pod {runtime.key} is gone from the API: its containers stopped")
 

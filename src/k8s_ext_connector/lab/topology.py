@@ -389,13 +389,17 @@ class Lab:
         client_key: KeyPair,
         wait_ready: bool = True,
         wrapper: Sequence[str] = (),
+        args: Sequence[str] = (),
+        write_files: bool = True,
     ) -> Process:
-        """``wrapper`` prefixes the command, e.g. setpriv to run with reduced capabilities."""
+        """``wrapper`` prefixes the command, e.g. setpriv to run with reduced capabilities;
+        ``args`` are added to the sidecar's; ``write_files=False`` starts it before its
+        config and key exist (with ``--wait-for-config``: ``write_sidecar_files`` later)."""
         pod = self.pods[pod_name]
-        self.write_sidecar_config(pod_name, config)
+        pod.config_path = self.workdir / f"sidecar-{pod_name}.yaml"
         pod.key_path = self.workdir / f"client-key-{pod_name}"
-        write_private_key(pod.key_path, client_key)
-        assert pod.config_path is not None
+        if write_files:
+            self.write_sidecar_files(pod_name, config, client_key)
         pod.sidecar = self.spawn(
             f"sidecar-{pod_name}",
             pod.netns,
@@ -409,12 +413,32 @@ class Lab:
                     str(pod.key_path),
                     "--reload-interval",
                     "0.2",
+                    *args,
                 ),
             ],
         )
         if wait_ready:
             self.wait_sidecar_ready(pod_name)
         return pod.sidecar
+
+    def write_sidecar_files(
+        self, pod_name: str, config: SidecarConfig, client_key: KeyPair
+    ) -> None:
+        """The config and the key, as the kubelet fills a pod's mounted volumes."""
+        self.write_sidecar_config(pod_name, config)
+        pod = self.pods[pod_name]
+        pod.key_path = self.workdir / f"client-key-{pod_name}"
+        write_private_key(pod.key_path, client_key)
+
+    def reset_pod_network(self, pod_name: str) -> None:
+        """What a pod's end does to the rules in its network namespace: they die with it.
+
+        The sidecar never removes its rules; the lab reuses one namespace per pod name, so
+        it removes ours (``EXTCONN-*`` in nat and filter) when it plays a pod's deletion.
+        """
+        firewall = NetnsIptables(self.pods[pod_name].netns)
+        for table in ("nat", "filter"):
+            iptables.remove(firewall, table, "EXTCONN-")
 
     def sidecar_ready(self, pod_name: str) -> tuple[int, str]:
         pod = self.pods[pod_name]

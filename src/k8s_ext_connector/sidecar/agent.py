@@ -3,8 +3,10 @@ carry each connection over the shared SSH session to its rule's gateway.
 
 Fail closed: a connection whose original destination has no rule, whose gateway session
 is down, or whose channel the gateway refuses is reset at once. Nothing is ever sent on
-directly, so the node's IP never leaks to the external server. While the agent runs,
-its rules redirect; when it stops, it removes them (and replaces leftovers at start).
+directly, so the node's IP never leaks to the external server. The rules outlive the
+agent: it never removes them (not on SIGTERM, not on an exception), so while no listener
+is up they redirect to a closed loopback port and the app's connection is refused. They
+die with the pod's network namespace; a restarted agent takes them over as a diff.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ from k8s_ext_connector.core import iptables
 from k8s_ext_connector.core.bridge import Splice
 from k8s_ext_connector.core.config import Endpoint, SidecarConfig
 from k8s_ext_connector.core.errors import ConfigError
-from k8s_ext_connector.sidecar.rules import OWNED_PREFIX, render_egress_rules
+from k8s_ext_connector.sidecar.readiness import STARTUP_GRACE, readiness
+from k8s_ext_connector.sidecar.rules import (
+    EGRESS_CHAIN,
+    release_hold,
+    render_egress_rules,
+    render_hold_rules,
+    served,
+)
 from k8s_ext_connector.sidecar.sessions import SessionPool
 
 log = logging.getLogger(__name__)
@@ -29,16 +38,27 @@ CHANNEL_OPEN_TIMEOUT = 5.0
 LISTEN_HOST = "127.0.0.1"  # REDIRECT from nat OUTPUT lands on loopback; other pods can't reach it
 
 
-def check_supported(config: SidecarConfig) -> None:
-    """What the data plane cannot do yet, as a config error before anything is touched."""
-    for i, rule in enumerate(config.rules):
-        for j, destination in enumerate(rule.intercept):
-            if ":" in destination.address:
-                raise ConfigError(
-                    f"rules[{i}].intercept[{j}].address",
-                    destination.address,
-                    "IPv6 egress is not supported yet",
-                )
+def hold(firewall: iptables.Iptables) -> bool:
+    """Refuse the pod's new TCP connections until the first config's rules are in.
+
+    Not when egress rules of an earlier run are in force: they keep failing closed for
+    their destinations, and the pod's other traffic (its app may be running) is left alone.
+    Returns whether the hold is in force.
+    """
+    nat = iptables.ObservedTable.parse(firewall.save("nat"))
+    if EGRESS_CHAIN in nat.chains:
+        return False
+    iptables.apply(firewall, render_hold_rules())
+    return True
+
+
+def take_over(firewall: iptables.Iptables, config: SidecarConfig) -> None:
+    """Make the egress rules ``config``'s (a diff over whatever is there), then drop the hold.
+
+    In this order, so there is no moment without either.
+    """
+    iptables.apply(firewall, render_egress_rules(config))
+    iptables.apply(firewall, release_hold())
 
 
 def original_destination(sock: socket.socket) -> Endpoint:
@@ -50,23 +70,35 @@ def original_destination(sock: socket.socket) -> Endpoint:
 
 class SidecarAgent:
     def __init__(
-        self, config: SidecarConfig, client_key: asyncssh.SSHKey, firewall: iptables.Iptables
+        self,
+        config: SidecarConfig,
+        client_key: asyncssh.SSHKey,
+        firewall: iptables.Iptables,
+        startup_grace: float = STARTUP_GRACE,
     ) -> None:
-        self.config = config
+        self._set_config(config)
         self._firewall = firewall
+        self._startup_grace = startup_grace
         self._pool = SessionPool(client_key)
         self._server: asyncio.Server | None = None
         self._opening: set[asyncio.Task[None]] = set()
         self._splices: set[Splice] = set()
-        self._rules_applied = False
+        self._been_ready = False
+
+    def _set_config(self, config: SidecarConfig) -> None:
+        split = served(config)
+        self.config = split.config  # what is served: rules, sessions, routing
+        self.problems = split.problems  # what is not, for /ready
+        for problem in self.problems:
+            log.warning("%s", problem)
 
     async def start(self) -> None:
-        await self._pool.update(self.config.gateways())
+        """Rules first (a no-op when ``take_over`` already ran), then listener, sessions."""
+        take_over(self._firewall, self.config)
         self._server = await asyncio.get_running_loop().create_server(
             self._accept, LISTEN_HOST, self.config.listen_port, reuse_address=True, backlog=4096
         )
-        iptables.apply(self._firewall, render_egress_rules(self.config))
-        self._rules_applied = True
+        await self._pool.update(self.config.gateways())
         log.info(
             "intercepting %d destinations of %d rules",
             sum(len(r.intercept) for r in self.config.rules),
@@ -75,27 +107,31 @@ class SidecarAgent:
 
     async def apply(self, config: SidecarConfig) -> None:
         """Move to a new config; connections of rules that remain keep flowing."""
-        check_supported(config)
         if config.listen_port != self.config.listen_port:
             raise ConfigError("listenPort", config.listen_port, "cannot change without a restart")
-        await self._pool.update(tuple(dict.fromkeys(self.config.gateways() + config.gateways())))
-        iptables.apply(self._firewall, render_egress_rules(config))
-        self.config = config
-        await self._pool.update(config.gateways())
+        new = served(config).config
+        await self._pool.update(tuple(dict.fromkeys(self.config.gateways() + new.gateways())))
+        iptables.apply(self._firewall, render_egress_rules(new))
+        self._set_config(config)
+        await self._pool.update(self.config.gateways())
 
     async def replace_key(self, client_key: asyncssh.SSHKey) -> None:
         await self._pool.replace_key(client_key)
 
     def readiness(self) -> tuple[bool, str]:
-        if not self._rules_applied:
-            return False, "rules not applied"
-        down = self._pool.down()
-        return (not down), ("; ".join(down) or "ready")
+        ready, detail = readiness(
+            self.config,
+            self.problems,
+            self._pool.status(),
+            listening=self._server is not None and self._server.is_serving(),
+            starting=not self._been_ready,
+            grace=self._startup_grace,
+        )
+        self._been_ready |= ready
+        return ready, detail
 
     async def stop(self) -> None:
-        if self._rules_applied:
-            iptables.remove(self._firewall, "nat", OWNED_PREFIX)
-            self._rules_applied = False
+        """Stop serving; the rules stay (module docstring), so the pod stays fail-closed."""
         if self._server is not None:
             self._server.close()
         for splice in list(self._splices):

@@ -1,4 +1,10 @@
-"""``k8s-ext-connector sidecar``: framework glue around SidecarAgent."""
+"""``k8s-ext-connector sidecar``: framework glue around SidecarAgent.
+
+Order of side effects, so that nothing leaves the pod unintercepted at any moment: the hold
+while waiting for the first config; the egress rules the moment the config is readable
+(before the key, the sessions and the health server); then the rest. Nothing here removes
+a rule: an exception at any later stage, or SIGTERM, leaves the pod fail-closed.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ from k8s_ext_connector.core.run import (
     setup_logging,
     until_stopped,
 )
-from k8s_ext_connector.sidecar.agent import SidecarAgent, check_supported
+from k8s_ext_connector.sidecar.agent import SidecarAgent, hold, take_over
+from k8s_ext_connector.sidecar.readiness import STARTUP_GRACE
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +45,7 @@ class SidecarSettings:
     reload_interval: float
     log_level: str
     wait_for_config: bool = False
+    startup_grace: float = STARTUP_GRACE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +72,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--wait-for-config",
         action="store_true",
         help="wait (not ready) until the config and key files exist, as mounted optional "
-        "volumes appear once the operator has written them",
+        "volumes appear once the operator has written them; new TCP connections of the pod "
+        "are refused meanwhile",
+    )
+    parser.add_argument(
+        "--startup-grace",
+        type=float,
+        default=STARTUP_GRACE,
+        help="seconds each gateway session gets to connect before the first ready: after "
+        "that, a gateway still down is reported in /ready instead of holding the pod back",
     )
     add_agent_arguments(parser)
 
@@ -79,11 +95,12 @@ def settings_from(args: argparse.Namespace) -> SidecarSettings:
         args.reload_interval,
         args.log_level,
         args.wait_for_config,
+        args.startup_grace,
     )
 
 
 def wait_for_files(paths: list[Path], interval: float = 1.0) -> None:
-    """Block until every path exists; nothing is installed meanwhile, so nothing leaks."""
+    """Block until every path exists."""
     waiting = [p for p in paths if not p.exists()]
     if waiting:
         print(
@@ -95,20 +112,35 @@ def wait_for_files(paths: list[Path], interval: float = 1.0) -> None:
         time.sleep(interval)
 
 
-def run(settings: SidecarSettings) -> int:
-    if settings.wait_for_config:
-        wait_for_files([settings.config_path, settings.ssh_key_path], settings.reload_interval)
-    config = load_sidecar_config(settings.config_path)  # errors before any side effect
-    check_supported(config)
-    client_key = load_private_key(settings.ssh_key_path, "--ssh-key")
-    setup_logging(settings.log_level)
+def _firewall(settings: SidecarSettings) -> iptables.Iptables:
     backend: iptables.Backend = (
         iptables.detect_backend()
         if settings.iptables_backend == "auto"
         else settings.iptables_backend  # type: ignore[assignment]
     )
-    log.info("iptables backend: %s", backend)
-    firewall = iptables.SubprocessIptables(backend)
+    return iptables.SubprocessIptables(backend)
+
+
+def run(settings: SidecarSettings) -> int:
+    firewall: iptables.Iptables | None = None
+    if settings.wait_for_config and not settings.config_path.exists():
+        firewall = _firewall(settings)
+        if hold(firewall):
+            print(
+                "k8s-ext-connector sidecar: no config yet: the pod's new TCP connections"
+                " are refused until it arrives",
+                file=sys.stderr,
+                flush=True,
+            )
+        wait_for_files([settings.config_path], settings.reload_interval)
+    config = load_sidecar_config(settings.config_path)  # errors before any (other) side effect
+    firewall = firewall or _firewall(settings)
+    take_over(firewall, config)  # from here on the pod fails closed, whatever happens next
+    if settings.wait_for_config:
+        wait_for_files([settings.ssh_key_path], settings.reload_interval)
+    client_key = load_private_key(settings.ssh_key_path, "--ssh-key")
+    setup_logging(settings.log_level)
+    log.info("iptables: %r", firewall)
     return run_agent(lambda: _serve(settings, config, client_key, firewall))
 
 
@@ -118,7 +150,7 @@ async def _serve(
     client_key: asyncssh.SSHKey,
     firewall: iptables.Iptables,
 ) -> None:
-    agent = SidecarAgent(config, client_key, firewall)
+    agent = SidecarAgent(config, client_key, firewall, settings.startup_grace)
     health = None
     try:
         await agent.start()
@@ -146,4 +178,4 @@ async def _serve(
         if health is not None:
             health.close()
         await agent.stop()
-        log.info("sidecar stopped, rules removed")
+        log.info("sidecar stopped; its rules stay and refuse intercepted connections")

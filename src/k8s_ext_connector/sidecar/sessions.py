@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from dataclasses import dataclass
 
 import asyncssh
 
@@ -24,6 +26,17 @@ BACKOFF_MAX = 1.0
 CONNECT_TIMEOUT = 5.0
 
 
+@dataclass(frozen=True)
+class GatewayStatus:
+    """One gateway session as readiness sees it."""
+
+    gateway: GatewayEndpoint
+    up: bool
+    error: str  # why it is down ("" when up)
+    connected_once: bool  # has this session ever been up
+    down_for: float  # seconds since it started or was lost (0 when up)
+
+
 class GatewaySession:
     def __init__(self, gateway: GatewayEndpoint, client_key: asyncssh.SSHKey) -> None:
         self.gateway = gateway
@@ -31,10 +44,22 @@ class GatewaySession:
         self._conn: asyncssh.SSHClientConnection | None = None
         self._task: asyncio.Task[None] | None = None
         self.last_error = "not connected yet"
+        self._connected_once = False
+        self._down_since = time.monotonic()
 
     @property
     def connection(self) -> asyncssh.SSHClientConnection | None:
         return self._conn
+
+    def status(self, now: float) -> GatewayStatus:
+        up = self._conn is not None
+        return GatewayStatus(
+            self.gateway,
+            up,
+            "" if up else self.last_error,
+            self._connected_once,
+            0.0 if up else now - self._down_since,
+        )
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"ssh {self.gateway.endpoint}")
@@ -80,11 +105,13 @@ class GatewaySession:
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             self._conn = conn
+            self._connected_once = True
             self.last_error = ""
             backoff = BACKOFF_FIRST
             log.info("session to gateway %s established", self.gateway.endpoint)
             await conn.wait_closed()
             self._conn = None
+            self._down_since = time.monotonic()
             self.last_error = "session closed"
             log.warning("session to gateway %s lost; reconnecting", self.gateway.endpoint)
 
@@ -118,13 +145,10 @@ class SessionPool:
         await self.update(gateways)
         log.info("client key changed: %d gateway sessions restarted", len(gateways))
 
-    def down(self) -> list[str]:
-        """Gateways without a live session, with the reason, for readiness."""
-        return [
-            f"{g.endpoint}: {s.last_error}"
-            for g, s in self._sessions.items()
-            if s.connection is None
-        ]
+    def status(self) -> tuple[GatewayStatus, ...]:
+        """Every session's state, for readiness."""
+        now = time.monotonic()
+        return tuple(s.status(now) for s in self._sessions.values())
 
     async def close(self) -> None:
         await self.update(())
