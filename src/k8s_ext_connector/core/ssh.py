@@ -4,12 +4,13 @@ Measured on these machines (docs/architecture.md): asyncssh's default cipher is 
 slowest; AES-GCM with no compression and a large window roughly doubles throughput.
 
 Only modern algorithms are offered (docs/security.md lists them; ``ssh-audit`` checks the
-gateway in tests/netns/test_ssh_hardening.py): key exchange on X25519 (with ML-KEM-768
-first where the installed ``cryptography`` provides it), authenticated encryption
-(AES-GCM, ChaCha20-Poly1305: no separate MAC is used), encrypt-then-MAC SHA-2/UMAC only
-should a peer insist on another cipher, and Ed25519 signatures. No SHA-1, no CBC, no
-NIST curves, no finite-field groups. Both ends share the lists: the sidecar and the gateway
-always agree.
+gateway in tests/netns/test_ssh_hardening.py): key exchange ML-KEM-768 + X25519 (hybrid,
+post-quantum: recorded tunnels stay secret should X25519 fall), authenticated encryption
+(AES-GCM, ChaCha20-Poly1305: no separate MAC is used), encrypt-then-MAC SHA-2/UMAC
+listed only because the protocol needs a MAC list, and Ed25519 signatures. No SHA-1, no
+CBC, no NIST curves, no finite-field groups. The sidecar also offers plain X25519, which
+the gateway accepts only when its ``cryptography`` lacks ML-KEM (older than the image's):
+both ends, built from one image, always agree.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ FAST_CIPHERS = (
     "aes256-gcm@openssh.com",
     "chacha20-poly1305@openssh.com",
 )
+PQ_KEX = "mlkem768x25519-sha256"
 KEX_ALGS = (
-    "mlkem768x25519-sha256",  # post-quantum hybrid; only where cryptography has ML-KEM
+    PQ_KEX,  # post-quantum hybrid; only where cryptography has ML-KEM
     "curve25519-sha256",
     "curve25519-sha256@libssh.org",
 )
@@ -40,12 +42,16 @@ KEEPALIVE_INTERVAL = 5.0  # seconds between keepalives on an idle session
 KEEPALIVE_COUNT_MAX = 3  # unanswered keepalives before the session is declared dead
 
 
-def kex_algs() -> list[str]:
-    """KEX_ALGS that this asyncssh and cryptography provide (ML-KEM needs a recent one)."""
+def kex_algs(server: bool = False) -> list[str]:
+    """KEX_ALGS that this asyncssh and cryptography provide (ML-KEM needs recent ones);
+    a server with the post-quantum hybrid offers nothing else."""
     from asyncssh.kex import get_kex_algs
 
     available = {alg.decode() for alg in get_kex_algs()}
-    return [alg for alg in KEX_ALGS if alg in available]
+    algs = [alg for alg in KEX_ALGS if alg in available]
+    if server and PQ_KEX in algs:
+        return [PQ_KEX]
+    return algs
 
 
 def tuned_options() -> dict[str, object]:
@@ -62,8 +68,9 @@ def tuned_options() -> dict[str, object]:
 
 
 def server_options() -> dict[str, object]:
-    """Keyword arguments for the gateway's asyncssh listeners only."""
-    return {"server_version": SERVER_VERSION}
+    """Keyword arguments for the gateway's asyncssh listeners: ``tuned_options`` with the
+    server's key exchange and an identification string without a version."""
+    return {**tuned_options(), "kex_algs": kex_algs(server=True), "server_version": SERVER_VERSION}
 
 
 def quiet_asyncssh() -> None:

@@ -44,7 +44,7 @@ from k8s_ext_connector.core.bridge import Splice
 from k8s_ext_connector.core.config import Endpoint, GatewayConfig, SourceIPConfig
 from k8s_ext_connector.core.fields import canonical_ip
 from k8s_ext_connector.core.logsafe import untrusted
-from k8s_ext_connector.core.ssh import WINDOW, server_options, tuned_options
+from k8s_ext_connector.core.ssh import WINDOW, server_options
 from k8s_ext_connector.gateway import rules
 from k8s_ext_connector.gateway.addresses import AddressManager, reconcile_addresses
 from k8s_ext_connector.gateway.ingress import IngressRelay
@@ -593,7 +593,6 @@ class GatewayAgent:
                 window=WINDOW,
                 login_timeout=LOGIN_TIMEOUT,
                 **server_options(),
-                **tuned_options(),
             )
         except OSError as error:
             return f"cannot listen on {Endpoint(source_ip, port)}: {error.strerror or error}"
