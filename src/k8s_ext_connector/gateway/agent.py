@@ -7,9 +7,21 @@ requested ``address:port`` is in that key's allow-list under the config in force
 anything else is refused and logged with the key's fingerprint (never the key). There is
 no shell, no exec, no remote forwarding: the server is not an open proxy.
 
-Reload applies a new config as a diff: listeners for new source IPs start, removed ones
-stop; connections whose key lost its authorisation and channels whose target is no
-longer allowed are closed; everything still allowed keeps flowing. A new host key
+Who may connect: the kernel admits the SSH port only from ``sshAllowFrom`` (the cluster)
+and the node itself (``gateway/rules.py``); the server checks it again at connect. An
+address whose failed authentications exceed a budget (a token bucket per address) is
+dropped at connect; a connection that offers MAX_AUTH_ATTEMPTS refused keys is closed; one
+that has not authenticated within LOGIN_TIMEOUT too. Refusals are counted
+(``AuthCounters``) and logged once per connection, repeats from one address rate-limited;
+every client-chosen string in a log line is escaped (``core/logsafe.py``). The banner
+names no version and only modern algorithms are offered (``core/ssh.py``).
+
+Reload applies a new config as a diff, one source IP at a time (``apply``): each entry
+(address, SSH listener, ingress listeners, rules) is wholly in force or reported as failed
+with its reason while the others go ahead, and ``config`` (what authorises keys and
+channels) holds the served entries only. Connections whose key lost its authorisation and
+channels whose target is no longer allowed are closed; everything still allowed keeps
+flowing. A new host key
 (``replace_host_key``) is handed to the running listeners: connections accepted from then
 on present it, established ones keep the key they were accepted with.
 
@@ -18,7 +30,8 @@ filter chain that backs their peer check (``gateway/rules.py``) follow the same 
 So does the nat chain that keeps every source IP as the source of what leaves from it
 (``rules.render_snat_rules``), so that a node that masquerades its egress cannot replace
 it with the node's address. The chains are applied before anything else changes, so a
-failure to apply them leaves the running config wholly in force; they are removed at stop
+failure to apply them leaves the running config wholly in force (the one all-or-nothing
+step); once the entries are applied they are narrowed to the served ones; they are removed at stop
 and replaced at start. Every ``rules_check_interval`` seconds the agent observes them
 again and repairs any drift as a diff, above all a CNI's resync inserting a rule above the
 SNAT jump, which must stay first in POSTROUTING; when nothing drifted nothing is written.

@@ -14,7 +14,10 @@ the targetIP, and bytes are copied in Python (docs/architecture.md, "Ingress").
 
 The filter chain rendered by ``gateway.rules`` enforces the same peer check in the kernel
 (defence in depth). A reload changes who may open *new* connections: listeners that are no
-longer wanted stop accepting, and established relayed connections are left to finish.
+longer wanted stop accepting, and established relayed connections are left to finish. It
+moves one source IP at a time: new listeners are bound before old ones close, so a port
+that cannot be bound leaves that source IP as it was (``apply`` says why) and the others
+go ahead.
 """
 
 from __future__ import annotations
