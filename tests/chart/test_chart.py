@@ -53,6 +53,7 @@ SWITCHES: dict[str, dict[str, str]] = {
     },
     "single-operator": {"operator.replicas": "1", "operator.leaderElection": "false"},
     "own-namespace-sources": {"operator.ownNamespaceSources": "true"},
+    "ssh-allow-from": {"gateway.sshAllowFrom": '["10.244.0.0/16", "fd00:10:244::/56"]'},
     "single-webhook": {"webhook.replicas": "1"},
     "existing-connector-namespace": {
         "connectorNamespace.create": "false",
@@ -426,6 +427,9 @@ def test_switches_add_exactly_their_objects() -> None:
         s for c, s in pod_specs(render(SWITCHES["own-namespace-sources"])) if c == "operator"
     ]
     assert "--own-namespace-sources" in strict["containers"][0]["args"]
+    (allow,) = [s for c, s in pod_specs(render(SWITCHES["ssh-allow-from"])) if c == "operator"]
+    assert [a for a in allow["containers"][0]["args"] if a.startswith("--ssh-allow-from")] == [
+        "--ssh-allow-from=10.244.0.0/16", "--ssh-allow-from=fd00:10:244::/56"]
     (webhook,) = [s for c, s in pod_specs(render(SWITCHES["no-native-sidecar"])) if c == "webhook"]
     assert "--no-native-sidecar" in webhook["containers"][0]["args"]
 

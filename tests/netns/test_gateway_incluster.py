@@ -83,6 +83,7 @@ class Node:
         doc = {
             "version": 1,
             "sshPort": SSH_PORT,
+            "sshAllowFrom": ["198.51.100.0/24"],  # the clients here (the operator: the cluster)
             "sources": [
                 {
                     "sourceIP": SOURCE_IP,

@@ -210,7 +210,7 @@ def test_removing_a_source_ingress_stops_new_connections_while_an_established_on
     )
     assert thread.is_alive(), "the download should still be in flight during the reload"
     assert ingress_lab.get(SOURCE_IPS[1]) == f"my-pod2 {POD_GATEWAY_IP}"  # the other stays
-    assert SOURCE_IPS[0] not in filter_rules(lab)
+    assert f"-d {SOURCE_IPS[0]}/32 -p tcp -m tcp --dport {POD_HTTP_PORT}" not in filter_rules(lab)
     thread.join(30)
     assert result == {"length": size, "digest": hashlib.sha256(b"x" * size).hexdigest()}
 

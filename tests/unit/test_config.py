@@ -424,6 +424,15 @@ GATEWAY_ERRORS = [
                  None, None, id="ingress-same-port-on-another-source-ip-ok"),
     pytest.param(("sources", 0, "ingress", 0, "backend", "port"), 2022, None, None,
                  id="ingress-backend-port-may-be-anything"),
+    pytest.param(("sshAllowFrom",), "10.244.0.0/16", "sshAllowFrom", "10.244.0.0/16",
+                 id="ssh-allow-from-not-a-list"),
+    pytest.param(("sshAllowFrom",), ["10.244.0.0/16", "10.244.1.5/24"], "sshAllowFrom[1]",
+                 "10.244.1.5/24", id="ssh-allow-from-host-bits"),
+    pytest.param(("sshAllowFrom",), ["pods"], "sshAllowFrom[0]", "pods",
+                 id="ssh-allow-from-not-a-cidr"),
+    pytest.param(("sshAllowFrom",), [24], "sshAllowFrom[0]", 24, id="ssh-allow-from-number"),
+    pytest.param(("sshAllowFrom",), ["10.244.0.0/16", "fd00::/64", "192.168.122.10"], None,
+                 None, id="ssh-allow-from-both-families-and-a-bare-address-ok"),
 ]
 
 
@@ -474,6 +483,15 @@ def test_ingress_ports_group_peers_per_listener() -> None:
         80: (Endpoint("10.96.1.1", 80), frozenset({"192.168.122.139", "192.168.122.140"})),
         443: (Endpoint("10.96.1.1", 8443), frozenset({"192.168.122.139"})),
     }
+
+
+def test_ssh_allow_from_is_canonical_deduplicated_and_round_trips() -> None:
+    doc = patched(gateway_doc(), ("sshAllowFrom",),
+                  ["fd00:0:0::/64", "192.168.122.10", "10.244.0.0/16", "10.244.0.0/16"])
+    config = GatewayConfig.from_dict(doc)
+    assert config.ssh_allow_from == ("10.244.0.0/16", "192.168.122.10/32", "fd00::/64")
+    assert GatewayConfig.from_dict(config.to_dict()) == config
+    assert "sshAllowFrom" not in GatewayConfig.from_dict(gateway_doc()).to_dict()
 
 
 def test_egress_only_source_has_no_ingress_key() -> None:

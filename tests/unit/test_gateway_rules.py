@@ -13,13 +13,13 @@ Add a YAML file to add a case. Regenerate after an intended change with
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import pytest
 
 from k8s_ext_connector.core.config import GatewayConfig, parse_document
 from k8s_ext_connector.core.iptables import Family, ObservedTable, apply, restore_text
-from k8s_ext_connector.gateway.ingress import ingress_listeners
 from k8s_ext_connector.gateway.rules import (
     INGRESS_CHAIN,
     OWNED_PREFIX,
@@ -83,28 +83,75 @@ def test_golden_applies_and_reruns_as_a_no_op(case: Path) -> None:
         assert fake.tables["filter"]["KUBE-FIREWALL"] == ["-j RETURN"]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.stem for c in CASES])
-def test_every_listener_accepts_its_peers_then_resets_new_connections(case: Path) -> None:
-    config = _config(case)
-    families = _families(config)
-    listeners = sorted(ingress_listeners(config).items(),
-                       key=lambda item: families.index(family_of(item[0].address)))
-    specs = [spec for family in families
-             for spec in render_ingress_rules(config, family).chains[INGRESS_CHAIN]]
-    assert len(specs) == sum(len(listener.peers) + 1 for _, listener in listeners)
-    position = 0
-    for listen, listener in listeners:
-        host = "/128" if ":" in listen.address else "/32"
-        target = f"-d {listen.address}{host} -p tcp -m tcp --dport {listen.port} "
-        for peer in specs[position:position + len(listener.peers)]:
-            assert target in peer
-            assert peer.endswith("-j ACCEPT")
-            assert peer.split()[1].removesuffix(host) in listener.peers
-        reject = specs[position + len(listener.peers)]
-        assert reject.startswith(target + "-m conntrack --ctstate NEW ")
-        assert reject.endswith("-j REJECT --reject-with tcp-reset")
-        assert "-s " not in reject
-        position += len(listener.peers) + 1
+def _verdict(specs: list[str], src: str, dst: str, proto: str = "tcp", port: int = 0,
+             iface: str = "eth0") -> str:
+    """First match of a NEW packet in the rendered chain (the matches the renderer uses)."""
+    def opt(words: list[str], name: str) -> str | None:
+        return words[words.index(name) + 1] if name in words else None
+
+    for spec in specs:
+        words = spec.split()
+        source, dest = opt(words, "-s"), opt(words, "-d")
+        if source and ipaddress.ip_address(src) not in ipaddress.ip_network(source):
+            continue
+        if dest and ipaddress.ip_address(dst) not in ipaddress.ip_network(dest):
+            continue
+        if opt(words, "-i") not in (None, iface) or opt(words, "-p") not in (None, proto):
+            continue
+        if opt(words, "--dport") not in (None, str(port)):
+            continue
+        return spec.rsplit("-j ", 1)[1]
+    return "RETURN"
+
+
+RESET = "REJECT --reject-with tcp-reset"
+
+
+def test_source_ips_answer_ssh_to_the_cluster_and_ingress_ports_to_their_targets_only() -> None:
+    config = _config(GOLDEN.path / "seed.yaml")
+    specs = list(render_ingress_rules(config).chains[INGRESS_CHAIN])
+    sip, target, pod, node, stranger = (
+        "192.168.122.200", "192.168.122.139", "10.244.3.7", "192.168.122.11", "192.168.122.99")
+    assert _verdict(specs, pod, sip, port=2022) == "ACCEPT"
+    assert _verdict(specs, node, sip, port=2022) == "ACCEPT"
+    assert _verdict(specs, sip, sip, port=2022, iface="lo") == "ACCEPT"
+    assert _verdict(specs, target, sip, port=2022) == RESET
+    assert _verdict(specs, stranger, sip, port=2022) == RESET
+    assert _verdict(specs, target, sip, port=80) == "ACCEPT"
+    for src in (pod, stranger, node):
+        assert _verdict(specs, src, sip, port=80) == RESET
+    for port in (22, 443, 10250, 30080):  # the node's own services, NodePorts bound locally
+        assert _verdict(specs, target, sip, port=port) == RESET
+        assert _verdict(specs, pod, sip, port=port) == RESET
+    unreachable = "REJECT --reject-with icmp-port-unreachable"
+    assert _verdict(specs, target, sip, proto="udp", port=53) == unreachable
+    assert _verdict(specs, target, sip, proto="icmp") == unreachable
+    # Anything not addressed to a source IP is not ours to judge.
+    assert _verdict(specs, stranger, "192.168.122.10", port=22) == "RETURN"
+    # Every refusal is of NEW connections only: replies and established ones pass.
+    assert all("--ctstate NEW" in s for s in specs if "-j REJECT" in s)
+
+
+def test_without_ssh_allow_from_ssh_answers_the_node_itself_only() -> None:
+    config = _config(GOLDEN.path / "egress-only.yaml")
+    assert config.ssh_allow_from == ()
+    specs = list(render_ingress_rules(config).chains[INGRESS_CHAIN])
+    sip = "192.168.122.200"
+    assert _verdict(specs, sip, sip, port=2022, iface="lo") == "ACCEPT"
+    assert _verdict(specs, "10.244.3.7", sip, port=2022) == RESET
+
+
+def test_each_family_gets_its_own_networks() -> None:
+    config = _config(GOLDEN.path / "ipv6.yaml")
+    v4 = list(render_ingress_rules(config, "ipv4").chains[INGRESS_CHAIN])
+    v6 = list(render_ingress_rules(config, "ipv6").chains[INGRESS_CHAIN])
+    assert _verdict(v4, "10.244.0.9", "192.168.122.201", port=2022) == "ACCEPT"
+    assert _verdict(v6, "fd00:10:244::9", "2001:db8::200", port=2022) == "ACCEPT"
+    assert _verdict(v6, "2001:db8::139", "2001:db8::200", port=2022) == RESET
+    assert _verdict(v6, "2001:db8::139", "2001:db8::200", proto="udp", port=9) == (
+        "REJECT --reject-with icmp6-port-unreachable")
+    assert not any("fd00" in spec for spec in v4)
+    assert not any("10.244" in spec for spec in v6)
 
 
 def test_chain_set_shape() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -531,3 +532,40 @@ def test_own_namespace_sources_accepts_sources_of_its_own_namespace() -> None:
     desired = compute(snapshot(es_body(namespace="ns1", spec=spec), pods=READY_PODS), KEYS, strict)
     status = desired.statuses[ServiceRef("ns1", "my-externalservice")]
     assert conditions(status)["Accepted"][0] == "True"
+
+
+def test_node_record_keeps_pod_cidrs_and_internal_ips_for_ssh() -> None:
+    record = node_record({"metadata": {"name": "w1"},
+                          "spec": {"podCIDR": "10.244.1.0/24",
+                                   "podCIDRs": ["10.244.1.0/24", "fd00:10:244:1::/64", "bad"]},
+                          "status": {"addresses": [
+                              {"type": "InternalIP", "address": "10.0.0.6"},
+                              {"type": "ExternalIP", "address": "203.0.113.9"}]}})
+    assert record.pod_cidrs == ("10.244.1.0/24", "fd00:10:244:1::/64")
+    assert record.internal_ips == ("10.0.0.6",)
+    legacy = node_record({"metadata": {"name": "w2"}, "spec": {"podCIDR": "10.244.2.0/24"}})
+    assert legacy.pod_cidrs == ("10.244.2.0/24",)
+
+
+def test_gateway_configs_allow_ssh_from_every_nodes_pods_and_addresses_only() -> None:
+    """The SSH port answers the cluster: every node's pod CIDRs and InternalIPs (not its
+    ExternalIPs), plus the operator's own list (chart gateway.sshAllowFrom)."""
+    gw1 = node_record({"metadata": {"name": "gw1", "labels": dict([LABEL])},
+                       "spec": {"podCIDRs": ["10.244.0.0/24"]},
+                       "status": {"conditions": [{"type": "Ready", "status": "True"}],
+                                  "addresses": [{"type": "InternalIP", "address": "10.0.0.5"},
+                                                {"type": "ExternalIP",
+                                                 "address": "203.0.113.5"}]}})
+    worker = node_record({"metadata": {"name": "w1"}, "spec": {"podCIDRs": ["10.244.1.0/24"]},
+                          "status": {"addresses": [{"type": "InternalIP",
+                                                    "address": "10.0.0.6"}]}})
+    settings = replace(SETTINGS, ssh_allow_from=("192.168.50.0/24",))
+    desired = compute(snapshot(es_body(), nodes=(gw1, worker), pods=READY_PODS), KEYS, settings)
+    data = desired.configmaps[("external-services", GATEWAY_CONFIGMAP)]["data"]
+    config = yaml.safe_load(data["gw1.yaml"])
+    assert config["sshAllowFrom"] == ["10.0.0.5/32", "10.0.0.6/32", "10.244.0.0/24",
+                                      "10.244.1.0/24", "192.168.50.0/24"]
+    without = compute(snapshot(es_body(), pods=READY_PODS), KEYS, SETTINGS)
+    bare = yaml.safe_load(without.configmaps[("external-services", GATEWAY_CONFIGMAP)]["data"]
+                          ["gw1.yaml"])
+    assert "sshAllowFrom" not in bare  # nothing known: the gateway refuses SSH (fail closed)

@@ -17,6 +17,7 @@ ingress port that is the gateway's SSH port or that leads to two backends).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -342,6 +343,9 @@ class GatewayConfig:
 
     sources: tuple[SourceIPConfig, ...]
     ssh_port: int = DEFAULT_SSH_PORT
+    # Networks that may reach the SSH port (the cluster: pod CIDRs, node addresses). Empty:
+    # nobody but the node itself (fail closed); see gateway/rules.py.
+    ssh_allow_from: tuple[str, ...] = ()
 
     def source(self, source_ip: str) -> SourceIPConfig | None:
         for source in self.sources:
@@ -356,6 +360,7 @@ class GatewayConfig:
         config = GatewayConfig(
             ssh_port=f.port("sshPort", DEFAULT_SSH_PORT),
             sources=f.items("sources", SourceIPConfig.read),
+            ssh_allow_from=unique_networks(f.items("sshAllowFrom", read_network, [])),
         )
         f.done()
         seen: dict[str, int] = {}
@@ -377,11 +382,28 @@ class GatewayConfig:
         return config
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": CONFIG_VERSION,
-            "sshPort": self.ssh_port,
-            "sources": [s.to_dict() for s in self.sources],
-        }
+        data: dict[str, Any] = {"version": CONFIG_VERSION, "sshPort": self.ssh_port}
+        if self.ssh_allow_from:  # absent rather than empty, as for ingress
+            data["sshAllowFrom"] = list(self.ssh_allow_from)
+        data["sources"] = [s.to_dict() for s in self.sources]
+        return data
+
+
+def read_network(data: object, path: str) -> str:
+    """The canonical text of a CIDR (``10.244.1.0/24``; a bare address is a /32 or /128)."""
+    if not isinstance(data, str):
+        raise ConfigError(path, data, "must be a CIDR such as 10.244.0.0/16")
+    try:
+        return str(ipaddress.ip_network(data.strip(), strict=True))
+    except ValueError as error:
+        reason = "has host bits set" if "host bits" in str(error) else "is not a CIDR"
+        raise ConfigError(path, data, f"{reason} (e.g. 10.244.0.0/16)") from None
+
+
+def unique_networks(networks: Iterable[str]) -> tuple[str, ...]:
+    """Networks without repeats, IPv4 first, each family in address order."""
+    parsed = {ipaddress.ip_network(n) for n in networks}
+    return tuple(str(n) for n in sorted(parsed, key=lambda n: (n.version, n)))
 
 
 def parse_document(text: str, origin: str) -> object:

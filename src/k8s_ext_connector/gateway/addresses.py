@@ -27,6 +27,10 @@ class AddressManager(Protocol):
 
     def remove(self, address: str) -> None: ...
 
+    def problem(self, address: str) -> str | None:
+        """Why ``address`` can never be added by this manager (None: it can be tried)."""
+        ...
+
 
 @dataclass(frozen=True)
 class IprouteAddresses:
@@ -51,9 +55,15 @@ class IprouteAddresses:
     def owned(self) -> set[str]:
         return {str(a["local"]) for a in self._addresses() if a.get("label") == self.label}
 
-    def add(self, address: str) -> None:
+    def problem(self, address: str) -> str | None:
         if ipaddress.ip_address(address).version != 4:
-            raise ValueError(f"--manage-addresses: {address}: only IPv4 source IPs can be managed")
+            return "--manage-addresses: only IPv4 source IPs can be managed"
+        return None
+
+    def add(self, address: str) -> None:
+        reason = self.problem(address)
+        if reason:
+            raise ValueError(f"{address}: {reason}")
         _ip(["addr", "add", f"{address}/32", "dev", self.interface, "label", self.label])
 
     def remove(self, address: str) -> None:
@@ -67,13 +77,28 @@ def _ip(args: list[str]) -> str:
     return result.stdout
 
 
-def reconcile_addresses(manager: AddressManager, desired: Iterable[str]) -> None:
-    """Add missing source IPs; remove ours that are no longer desired (leftovers included)."""
+def reconcile_addresses(manager: AddressManager, desired: Iterable[str]) -> dict[str, str]:
+    """Add missing source IPs; remove ours that are no longer desired (leftovers included).
+
+    One address that cannot be added does not stop the others: the result maps each such
+    address to the reason, and the caller leaves that source IP unserved. A failed removal
+    is logged (the next reconcile tries again).
+    """
     wanted = set(desired)
     present = manager.present()
+    failed: dict[str, str] = {}
     for address in sorted(wanted - present):
-        manager.add(address)
+        try:
+            manager.add(address)
+        except (OSError, ValueError) as error:
+            failed[address] = f"cannot add the address: {error}"
+            continue
         log.info("added source IP %s", address)
     for address in sorted(manager.owned() - wanted):
-        manager.remove(address)
+        try:
+            manager.remove(address)
+        except OSError as error:
+            log.error("cannot remove source IP %s: %s", address, error)
+            continue
         log.info("removed source IP %s", address)
+    return failed

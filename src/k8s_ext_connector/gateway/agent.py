@@ -7,9 +7,21 @@ requested ``address:port`` is in that key's allow-list under the config in force
 anything else is refused and logged with the key's fingerprint (never the key). There is
 no shell, no exec, no remote forwarding: the server is not an open proxy.
 
-Reload applies a new config as a diff: listeners for new source IPs start, removed ones
-stop; connections whose key lost its authorisation and channels whose target is no
-longer allowed are closed; everything still allowed keeps flowing. A new host key
+Who may connect: the kernel admits the SSH port only from ``sshAllowFrom`` (the cluster)
+and the node itself (``gateway/rules.py``); the server checks it again at connect. An
+address whose failed authentications exceed a budget (a token bucket per address) is
+dropped at connect; a connection that offers MAX_AUTH_ATTEMPTS refused keys is closed; one
+that has not authenticated within LOGIN_TIMEOUT too. Refusals are counted
+(``AuthCounters``) and logged once per connection, repeats from one address rate-limited;
+every client-chosen string in a log line is escaped (``core/logsafe.py``). The banner
+names no version and only modern algorithms are offered (``core/ssh.py``).
+
+Reload applies a new config as a diff, one source IP at a time (``apply``): each entry
+(address, SSH listener, ingress listeners, rules) is wholly in force or reported as failed
+with its reason while the others go ahead, and ``config`` (what authorises keys and
+channels) holds the served entries only. Connections whose key lost its authorisation and
+channels whose target is no longer allowed are closed; everything still allowed keeps
+flowing. A new host key
 (``replace_host_key``) is handed to the running listeners: connections accepted from then
 on present it, established ones keep the key they were accepted with.
 
@@ -18,7 +30,8 @@ filter chain that backs their peer check (``gateway/rules.py``) follow the same 
 So does the nat chain that keeps every source IP as the source of what leaves from it
 (``rules.render_snat_rules``), so that a node that masquerades its egress cannot replace
 it with the node's address. The chains are applied before anything else changes, so a
-failure to apply them leaves the running config wholly in force; they are removed at stop
+failure to apply them leaves the running config wholly in force (the one all-or-nothing
+step); once the entries are applied they are narrowed to the served ones; they are removed at stop
 and replaced at start. Every ``rules_check_interval`` seconds the agent observes them
 again and repairs any drift as a diff, above all a CNI's resync inserting a rule above the
 SNAT jump, which must stay first in POSTROUTING; when nothing drifted nothing is written.
@@ -30,18 +43,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import asyncssh
 
 from k8s_ext_connector.core import iptables
 from k8s_ext_connector.core.bridge import Splice
-from k8s_ext_connector.core.config import Endpoint, GatewayConfig
+from k8s_ext_connector.core.config import Endpoint, GatewayConfig, SourceIPConfig
 from k8s_ext_connector.core.fields import canonical_ip
-from k8s_ext_connector.core.ssh import WINDOW, tuned_options
+from k8s_ext_connector.core.logsafe import untrusted
+from k8s_ext_connector.core.ssh import WINDOW, server_options
 from k8s_ext_connector.gateway import rules
 from k8s_ext_connector.gateway.addresses import AddressManager, reconcile_addresses
 from k8s_ext_connector.gateway.ingress import IngressRelay
@@ -49,11 +65,78 @@ from k8s_ext_connector.gateway.ingress import IngressRelay
 log = logging.getLogger(__name__)
 LISTEN_RETRY_SECONDS = 2.0
 RULES_CHECK_SECONDS = 10.0
+MAX_AUTH_ATTEMPTS = 3  # refused keys per connection before it is closed (OpenSSH: 6)
+LOGIN_TIMEOUT = 10.0  # seconds from TCP accept to authenticated (asyncssh: 120)
+# Failed authentications per client address: a bucket of FAIL_BURST refilled at
+# FAIL_RATE per second; a connection from an address whose bucket is empty is closed at
+# once. A sidecar with an outdated key retries about once a second, below the rate.
+FAIL_BURST = 20.0
+FAIL_RATE = 2.0
+LOG_REPEAT_SECONDS = 30.0  # one line per kind of refusal and client address per period
 
 
 def _public_key_text(key: asyncssh.SSHKey) -> str:
     algorithm, blob = key.export_public_key("openssh").decode().split()[:2]
     return f"{algorithm} {blob}"
+
+
+@dataclass
+class AuthCounters:
+    """Authentication outcomes since start (for metrics; the log shows one line per
+    connection at most, rate-limited)."""
+
+    connections: int = 0  # TCP connections accepted by the SSH servers
+    authenticated: int = 0
+    refused_keys: int = 0  # keys offered that the source IP does not authorise
+    too_many_attempts: int = 0  # connections closed after MAX_AUTH_ATTEMPTS refused keys
+    throttled: int = 0  # connections closed at once: their address's failure budget is spent
+    not_allowed: int = 0  # connections from an address outside sshAllowFrom
+
+
+class FailureBudget:
+    """A token bucket of failed authentications per client address."""
+
+    def __init__(self, burst: float = FAIL_BURST, rate: float = FAIL_RATE) -> None:
+        self._burst = burst
+        self._rate = rate
+        self._buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, when)
+
+    def _tokens(self, address: str, now: float) -> float:
+        tokens, when = self._buckets.get(address, (self._burst, now))
+        return min(self._burst, tokens + (now - when) * self._rate)
+
+    def exhausted(self, address: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        return self._tokens(address, now) < 1.0
+
+    def fail(self, address: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._buckets[address] = (max(0.0, self._tokens(address, now) - 1.0), now)
+        if len(self._buckets) > 4096:  # forget full buckets: they equal no entry
+            self._buckets = {
+                a: b for a, b in self._buckets.items() if self._tokens(a, now) < self._burst
+            }
+
+
+class LogLimiter:
+    """At most one line per key (kind of event, client address) per period; the next one
+    that passes says how many were suppressed."""
+
+    def __init__(self, period: float = LOG_REPEAT_SECONDS) -> None:
+        self._period = period
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}  # key -> (when, suppressed)
+
+    def allow(self, kind: str, address: str, now: float | None = None) -> tuple[bool, int]:
+        """(log it?, lines suppressed since the last one logged)."""
+        now = time.monotonic() if now is None else now
+        when, suppressed = self._last.get((kind, address), (-self._period, 0))
+        if now - when < self._period:
+            self._last[(kind, address)] = (when, suppressed + 1)
+            return False, 0
+        self._last[(kind, address)] = (now, 0)
+        if len(self._last) > 4096:
+            self._last = {k: v for k, v in self._last.items() if now - v[0] < self._period}
+        return True, suppressed
 
 
 @dataclass(eq=False)
@@ -62,6 +145,7 @@ class _Session:
 
     source_ip: str
     connection: asyncssh.SSHServerConnection
+    peer: str = "?"
     public_key: str = ""
     fingerprint: str = ""
     channels: dict[Splice, Endpoint] = field(default_factory=dict)
@@ -75,14 +159,55 @@ class _SourceIPServer(asyncssh.SSHServer):
         self._source_ip = source_ip
         self._session: _Session | None = None
         self._candidate: tuple[str, str] = ("", "")
+        self._peer = "?"
+        self._refused: list[str] = []  # fingerprints of the keys refused on this connection
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
-        self._session = _Session(self._source_ip, conn)
-        self._agent._sessions.add(self._session)
+        agent = self._agent
+        agent.counters.connections += 1
+        peer = conn.get_extra_info("peername")
+        try:
+            self._peer = canonical_ip(str(peer[0]))
+        except (TypeError, IndexError, ValueError):
+            self._peer = "?"
+        self._session = _Session(self._source_ip, conn, self._peer)
+        agent._sessions.add(self._session)
+        if not agent.ssh_allowed_from(self._peer):
+            # The kernel refuses these first (gateway/rules.py); this is the second line.
+            agent.counters.not_allowed += 1
+            agent._log_refusal(
+                "not-allowed",
+                self._peer,
+                "refused SSH connection from %s to %s: not in sshAllowFrom",
+                self._peer,
+                self._source_ip,
+            )
+            conn.abort()
+        elif agent.failures.exhausted(self._peer):
+            agent.counters.throttled += 1
+            agent._log_refusal(
+                "throttled",
+                self._peer,
+                "refused SSH connection from %s to %s: too many failed authentications "
+                "from that address",
+                self._peer,
+                self._source_ip,
+            )
+            conn.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._session is not None:
             self._agent._sessions.discard(self._session)
+            if not self._session.public_key and self._refused:
+                self._agent._log_refusal(
+                    "refused-keys",
+                    self._peer,
+                    "refused %d key(s) from %s on %s: not authorised for this source IP (%s)",
+                    len(self._refused),
+                    self._peer,
+                    self._source_ip,
+                    ", ".join(self._refused),
+                )
 
     def begin_auth(self, username: str) -> bool:
         return True  # authentication is always required
@@ -101,11 +226,16 @@ class _SourceIPServer(asyncssh.SSHServer):
         fingerprint = key.get_fingerprint()
         source = self._agent.config.source(self._source_ip)
         if source is None or source.client_for(text) is None:
-            log.warning(
-                "refused key %s on %s: not authorised for this source IP",
-                fingerprint,
-                self._source_ip,
-            )
+            self._agent.counters.refused_keys += 1
+            self._agent.failures.fail(self._peer)
+            if fingerprint not in self._refused:
+                self._refused.append(fingerprint)
+            if len(self._refused) >= MAX_AUTH_ATTEMPTS and self._session is not None:
+                self._agent.counters.too_many_attempts += 1
+                self._session.connection.disconnect(
+                    asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
+                    "too many authentication attempts",
+                )
             return False
         # asyncssh asks again for the signed attempt right before auth_completed, so the
         # last candidate validated is the key that authenticated.
@@ -114,10 +244,15 @@ class _SourceIPServer(asyncssh.SSHServer):
 
     def auth_completed(self) -> None:
         assert self._session is not None
+        self._agent.counters.authenticated += 1
         self._session.public_key, self._session.fingerprint = self._candidate
         client = self._agent.client_name(self._source_ip, self._session.public_key)
         log.info(
-            "client %s (%s) connected to %s", client, self._session.fingerprint, self._source_ip
+            "client %s (%s) connected to %s from %s",
+            client,
+            self._session.fingerprint,
+            self._source_ip,
+            self._peer,
         )
 
     def connection_requested(
@@ -130,11 +265,13 @@ class _SourceIPServer(asyncssh.SSHServer):
         except ValueError:
             target = None
         if target is None or not self._agent.allowed(session, target):
-            log.warning(
+            self._agent._log_refusal(
+                "channel",
+                session.fingerprint,
                 "refused channel from %s on %s to %s:%s: not in its allow-list",
                 session.fingerprint,
                 self._source_ip,
-                dest_host,
+                untrusted(dest_host),
                 dest_port,
             )
             raise asyncssh.ChannelOpenError(
@@ -170,6 +307,10 @@ class GatewayAgent:
     manages (none: no rules at all, the relay's own peer check is the only one, e.g. in
     unit tests). ``snat_guard`` off: no SNAT chain (a leftover one is removed).
     ``rules_check_interval``: seconds between checks of the applied rules.
+
+    ``wanted`` is the config last given to ``apply``; ``config`` the part of it in force
+    (the served entries, and what authorises keys and channels); ``failed`` maps each
+    source IP of ``wanted`` that is not served as given to the reason.
     """
 
     def __init__(
@@ -181,7 +322,10 @@ class GatewayAgent:
         snat_guard: bool = True,
         rules_check_interval: float = RULES_CHECK_SECONDS,
     ) -> None:
-        self.config = config
+        self.wanted = config
+        self.config = replace(config, sources=())  # nothing is served before start
+        self.failed: dict[str, str] = {}
+        self._permanent: set[str] = set()  # failed for a reason a retry cannot change
         self._host_key = host_key
         self._addresses = addresses
         self._firewalls = dict(firewalls or {})
@@ -191,7 +335,12 @@ class GatewayAgent:
         self._sessions: set[_Session] = set()
         self._retry: asyncio.Task[None] | None = None
         self._check: asyncio.Task[None] | None = None
+        self._apply_lock = asyncio.Lock()
+        self._last_outcome: tuple[object, ...] = ()
         self.ingress = IngressRelay()
+        self.counters = AuthCounters()
+        self.failures = FailureBudget()
+        self._log_limiter = LogLimiter()
         self._rules_lock = threading.Lock()
         # The config whose rules are in force; None before the first apply and after stop.
         self._rules_config: GatewayConfig | None = None
@@ -208,10 +357,28 @@ class GatewayAgent:
         client = source.client_for(session.public_key) if source else None
         return client is not None and target in client.allow
 
+    def ssh_allowed_from(self, peer: str) -> bool:
+        """Whether ``peer`` may connect to the SSH port: a network of sshAllowFrom, or the
+        node itself (loopback, or one of the node's addresses reaching it over lo)."""
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        if address.is_loopback or peer in {s.source_ip for s in self.wanted.sources}:
+            return True
+        return any(address in ipaddress.ip_network(n) for n in self.config.ssh_allow_from)
+
+    def _log_refusal(self, kind: str, address: str, message: str, *args: object) -> None:
+        """A warning, at most once per kind and client address per LOG_REPEAT_SECONDS."""
+        allowed, suppressed = self._log_limiter.allow(kind, address)
+        if allowed:
+            more = f" ({suppressed} similar line(s) suppressed)" if suppressed else ""
+            log.warning(message + "%s", *args, more)
+
     async def start(self) -> None:
         self._stopped = False
-        await self.apply(self.config)
-        self._retry = asyncio.create_task(self._retry_listeners())
+        await self.apply(self.wanted)
+        self._retry = asyncio.create_task(self._retry_failed())
         if self._firewalls:
             self._check = asyncio.create_task(self._check_rules())
 
@@ -225,34 +392,122 @@ class GatewayAgent:
         log.info("host key now %s for new connections", host_key.get_fingerprint())
 
     def readiness(self) -> tuple[bool, str]:
-        """Ready when every SSH listener and every ingress relay listener is up."""
+        """Ready when every source IP of the config is served; otherwise which are not."""
         problems = [
-            f"not listening on {source.source_ip}:{self.config.ssh_port}"
-            for source in self.config.sources
-            if source.source_ip not in self._listeners
+            f"{source_ip} not served: {reason}" for source_ip, reason in sorted(self.failed.items())
         ]
-        missing = self.ingress.missing()
-        if missing:
-            problems.append(f"{missing} ingress listener(s) not up")
+        if self.wanted.sources and not self.wanted.ssh_allow_from:
+            problems.append("sshAllowFrom is empty: SSH is refused from everywhere but the node")
         return (not problems), ("; ".join(problems) or "ready")
 
     async def apply(self, config: GatewayConfig) -> None:
+        """Serve ``config``, each source IP on its own.
+
+        A source IP's entry (its address, SSH listener, ingress listeners and rules) is
+        either wholly in force or reported in ``failed`` while the others go ahead; an
+        entry that was served before and whose new version fails keeps its previous
+        version when that is still wholly in force (a new ingress port that cannot be
+        bound), and is stopped otherwise. Only the rules transaction is all or nothing: if
+        it fails this raises and nothing has changed. Failed entries are retried every
+        LISTEN_RETRY_SECONDS, unless their reason cannot change.
+        """
+        async with self._apply_lock:
+            await self._apply(config)
+
+    async def _apply(self, config: GatewayConfig) -> None:
+        failed: dict[str, str] = {}
+        permanent: set[str] = set()
+        for source in config.sources:
+            reason = self._unservable(source.source_ip)
+            if reason:
+                failed[source.source_ip] = reason
+                permanent.add(source.source_ip)
+        candidates = replace(
+            config, sources=tuple(s for s in config.sources if s.source_ip not in failed)
+        )
         # First: if it fails, nothing else has changed.
-        await asyncio.to_thread(self._apply_rules, config)
+        await asyncio.to_thread(self._apply_rules, candidates)
         port_changed = config.ssh_port != self.config.ssh_port
-        self.config = config
-        wanted = {source.source_ip for source in config.sources}
+        previous = {} if port_changed else {s.source_ip: s for s in self.config.sources}
+        self.wanted = config
+        wanted = {source.source_ip for source in candidates.sources}
         # Close sessions while their address still exists, so clients get a FIN at once
         # instead of finding out from keepalives that the address went away.
         for source_ip in sorted(self._listeners):
             if source_ip not in wanted or port_changed:
                 await self._stop_listener(source_ip)
         if self._addresses is not None:
-            reconcile_addresses(self._addresses, wanted)
+            failed.update(await asyncio.to_thread(reconcile_addresses, self._addresses, wanted))
+        attempt = replace(
+            candidates, sources=tuple(s for s in candidates.sources if s.source_ip not in failed)
+        )
         # Ingress before SSH: a port one of them gives up may be the one the other takes.
-        await self.ingress.apply(config)
-        await self._start_missing_listeners()
+        ingress_failed = await self.ingress.apply(attempt)
+        failed.update(ingress_failed)
+        for source in attempt.sources:
+            if source.source_ip not in failed:
+                reason = await self._start_listener(source.source_ip, config.ssh_port)
+                if reason:
+                    failed[source.source_ip] = reason
+        served: list[SourceIPConfig] = []
+        for source in config.sources:
+            ip = source.source_ip
+            if ip not in failed:
+                served.append(source)
+            elif ip in ingress_failed and ip in previous and ip in self._listeners:
+                served.append(previous[ip])  # its previous version is wholly in force still
+        in_force = replace(config, sources=tuple(served))
+        if failed:
+            # Take back what the failed entries got on the way: their listeners, the
+            # addresses added for them, their rules.
+            kept = {s.source_ip for s in served}
+            for source_ip in sorted(set(self._listeners) - kept):
+                await self._stop_listener(source_ip)
+            await self.ingress.apply(in_force)
+            if self._addresses is not None:
+                await asyncio.to_thread(reconcile_addresses, self._addresses, kept)
+            try:
+                await asyncio.to_thread(self._apply_rules, in_force)
+            except iptables.IptablesError as error:
+                # The chains allow a little more than is served (nothing listens there);
+                # the periodic check retries with the served config.
+                log.error("cannot narrow the rules to the served source IPs: %s", error)
+                with self._rules_lock:
+                    if not self._stopped:
+                        self._rules_config = in_force
+        self.config = in_force
+        self.failed = failed
+        self._permanent = permanent & set(failed)
         self._close_revoked()
+        self._log_outcome(config)
+
+    def _unservable(self, source_ip: str) -> str | None:
+        """Why this node can never serve ``source_ip`` (checked before any side effect)."""
+        family = rules.family_of(source_ip)
+        if self._firewalls and family not in self._firewalls:
+            return f"no {family} iptables on this node to guard it"
+        if self._addresses is not None:
+            return self._addresses.problem(source_ip)
+        return None
+
+    def _log_outcome(self, config: GatewayConfig) -> None:
+        """One true line per distinct outcome (a retry that changes nothing is silent)."""
+        outcome = (config, tuple(sorted(self.failed.items())))
+        if outcome == self._last_outcome:
+            return
+        self._last_outcome = outcome
+        total = len(config.sources)
+        served = total - len(self.failed)
+        if not self.failed:
+            log.info("applied %d of %d source IPs", served, total)
+            return
+        kept = {s.source_ip for s in self.config.sources}
+        details = "; ".join(
+            f"{ip} not applied{' (its previous version still served)' if ip in kept else ''}"
+            f": {reason}"
+            for ip, reason in sorted(self.failed.items())
+        )
+        log.error("applied %d of %d source IPs; %s", served, total, details)
 
     def _rule_sets(
         self, config: GatewayConfig, family: iptables.Family
@@ -334,41 +589,39 @@ class GatewayAgent:
                         log.error("cannot remove our %s rules (%s): %s", table, family, error)
             self._rules_touched = False
 
-    async def _start_missing_listeners(self) -> None:
-        for source in self.config.sources:
-            if source.source_ip in self._listeners:
-                continue
-            source_ip = source.source_ip
-            try:
-                self._listeners[source_ip] = await asyncssh.listen(
-                    host=source_ip,
-                    port=self.config.ssh_port,
-                    server_host_keys=[self._host_key],
-                    server_factory=lambda ip=source_ip: _SourceIPServer(self, ip),
-                    reuse_address=True,
-                    allow_scp=False,
-                    agent_forwarding=False,
-                    x11_forwarding=False,
-                    window=WINDOW,
-                    **tuned_options(),
-                )
-                log.info("serving source IP %s on port %s", source_ip, self.config.ssh_port)
-            except OSError as error:
-                log.error(
-                    "cannot listen on %s:%s (%s); retrying every %ss",
-                    source_ip,
-                    self.config.ssh_port,
-                    error.strerror,
-                    LISTEN_RETRY_SECONDS,
-                )
+    async def _start_listener(self, source_ip: str, port: int) -> str | None:
+        """Listen on ``source_ip:port`` unless already; the reason when that fails."""
+        if source_ip in self._listeners:
+            return None
+        try:
+            self._listeners[source_ip] = await asyncssh.listen(
+                host=source_ip,
+                port=port,
+                server_host_keys=[self._host_key],
+                server_factory=lambda ip=source_ip: _SourceIPServer(self, ip),
+                reuse_address=True,
+                allow_scp=False,
+                agent_forwarding=False,
+                x11_forwarding=False,
+                window=WINDOW,
+                login_timeout=LOGIN_TIMEOUT,
+                **server_options(),
+            )
+        except OSError as error:
+            return f"cannot listen on {Endpoint(source_ip, port)}: {error.strerror or error}"
+        log.info("serving source IP %s on port %s", source_ip, port)
+        return None
 
-    async def _retry_listeners(self) -> None:
+    async def _retry_failed(self) -> None:
+        """Apply the wanted config again while an entry failed for a reason that may pass
+        (an address taken by another host, a port in use)."""
         while True:
             await asyncio.sleep(LISTEN_RETRY_SECONDS)
-            if len(self._listeners) < len(self.config.sources):
-                await self._start_missing_listeners()
-            if self.ingress.missing():
-                await self.ingress.start_missing()
+            if set(self.failed) - self._permanent:
+                try:
+                    await self.apply(self.wanted)
+                except Exception as error:  # logged; the next round tries again
+                    log.error("retrying failed source IPs: %s", error)
 
     async def _stop_listener(self, source_ip: str) -> None:
         listener = self._listeners.pop(source_ip)
@@ -381,6 +634,10 @@ class GatewayAgent:
     def _close_revoked(self) -> None:
         for session in list(self._sessions):
             source = self.config.source(session.source_ip)
+            if not self.ssh_allowed_from(session.peer):
+                log.info("closing the session from %s: no longer in sshAllowFrom", session.peer)
+                session.connection.close()
+                continue
             if not session.public_key:
                 continue  # still authenticating; validate_public_key sees the new config
             if source is None or source.client_for(session.public_key) is None:
@@ -399,6 +656,12 @@ class GatewayAgent:
     async def stop(self) -> None:
         if self._retry is not None:
             self._retry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retry
+        async with self._apply_lock:  # an apply in progress finishes first
+            await self._stop()
+
+    async def _stop(self) -> None:
         if self._check is not None:
             self._check.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -14,7 +14,10 @@ the targetIP, and bytes are copied in Python (docs/architecture.md, "Ingress").
 
 The filter chain rendered by ``gateway.rules`` enforces the same peer check in the kernel
 (defence in depth). A reload changes who may open *new* connections: listeners that are no
-longer wanted stop accepting, and established relayed connections are left to finish.
+longer wanted stop accepting, and established relayed connections are left to finish. It
+moves one source IP at a time: new listeners are bound before old ones close, so a port
+that cannot be bound leaves that source IP as it was (``apply`` says why) and the others
+go ahead.
 """
 
 from __future__ import annotations
@@ -67,48 +70,72 @@ class IngressRelay:
             counts[listen] = counts.get(listen, 0) + 1
         return counts
 
-    def missing(self) -> int:
-        return len(set(self._wanted) - set(self._servers))
+    async def apply(self, config: GatewayConfig) -> dict[str, str]:
+        """Move to the ingress entries of ``config``, one source IP at a time.
 
-    async def apply(self, config: GatewayConfig) -> None:
+        A source IP's new listeners are bound before anything of it is closed; if one of
+        them cannot be bound, those bound in this call are closed again and that source IP
+        keeps its previous listeners, peers and backends (none if it is new). Returns
+        source IP -> why, for those; every other source IP is moved to ``config``.
+        """
         wanted = ingress_listeners(config)
-        for listen in sorted(set(self._servers) - set(wanted)):
+        by_source: dict[str, list[Endpoint]] = {}
+        for listen in wanted:
+            by_source.setdefault(listen.address, []).append(listen)
+        failed: dict[str, str] = {}
+        for source_ip, listens in sorted(by_source.items()):
+            bound: dict[Endpoint, asyncio.AbstractServer] = {}
+            for listen in sorted(set(listens) - set(self._servers)):
+                try:
+                    bound[listen] = await self._listen(listen)
+                except OSError as error:
+                    failed[source_ip] = (
+                        f"cannot listen on {listen} for ingress: {error.strerror or error}"
+                    )
+                    break
+            if source_ip in failed:
+                for server in bound.values():
+                    server.close()
+                continue
+            for listen, server in bound.items():
+                self._servers[listen] = server
+                log.info(
+                    "relaying %s to %s, from %s",
+                    listen,
+                    wanted[listen].backend,
+                    ", ".join(sorted(wanted[listen].peers)),
+                )
+        served = {
+            listen: listener for listen, listener in wanted.items() if listen.address not in failed
+        }
+        served.update(
+            (listen, listener)
+            for listen, listener in self._wanted.items()
+            if listen.address in failed
+        )
+        for listen in sorted(set(self._servers) - set(served)):
             self._servers.pop(listen).close()  # stop accepting; established ones finish
             log.info("stopped relaying %s", listen)
-        for listen, listener in sorted(wanted.items()):
+        for listen, listener in sorted(served.items()):
             before = self._wanted.get(listen)
-            if before is not None and before != listener and listen in self._servers:
+            if before is not None and before != listener:
                 log.info(
                     "relaying %s to %s now, from %s",
                     listen,
                     listener.backend,
                     ", ".join(sorted(listener.peers)),
                 )
-        self._wanted = wanted
-        await self.start_missing()
+        self._wanted = served
+        return failed
 
-    async def start_missing(self) -> None:
-        loop = asyncio.get_running_loop()
-        for listen, listener in sorted(self._wanted.items()):
-            if listen in self._servers:
-                continue
-            try:
-                self._servers[listen] = await loop.create_server(
-                    self._factory(listen),
-                    listen.address,
-                    listen.port,
-                    reuse_address=True,
-                    backlog=BACKLOG,
-                )
-            except OSError as error:
-                log.error("cannot listen on %s for ingress (%s); retrying", listen, error.strerror)
-                continue
-            log.info(
-                "relaying %s to %s, from %s",
-                listen,
-                listener.backend,
-                ", ".join(sorted(listener.peers)),
-            )
+    async def _listen(self, listen: Endpoint) -> asyncio.AbstractServer:
+        return await asyncio.get_running_loop().create_server(
+            self._factory(listen),
+            listen.address,
+            listen.port,
+            reuse_address=True,
+            backlog=BACKLOG,
+        )
 
     def _factory(self, listen: Endpoint) -> Callable[[], asyncio.Protocol]:
         def accept() -> asyncio.Protocol:

@@ -1,15 +1,28 @@
 """Pure rendering of the gateway's iptables rules (golden-file tested).
 
-**Ingress** (``render_ingress_rules``): one chain of ours in the filter table, hooked into
-INPUT by a single commented jump. For each ``sourceIP:port`` the relay listens on: ACCEPT
-from each allowed peer, then reset any other *new* connection. This repeats the relay's
-own peer check in the kernel (defence in depth: a bug in the relay cannot open it to
-anyone else), and the ACCEPT lets allowed peers through on nodes whose INPUT policy drops
-by default.
+**Source IPs guarded** (``render_ingress_rules``): one chain of ours in the filter table,
+``EXTCONN-INGRESS``, hooked into INPUT by a single commented jump. For each source IP:
 
-Only new connections are reset: after a reload narrows who may connect, connections that
-are already established fall through to the node's own rules and are left to finish, as
-the relay leaves them (a reload decides who may open *new* connections).
+- the SSH port is accepted from the node itself (``-i lo``) and from each network of
+  ``sshAllowFrom`` (the cluster's pod CIDRs and node addresses): a stolen client key is
+  useless from anywhere else;
+- each ``sourceIP:port`` the ingress relay listens on is accepted from its allowed peers
+  (the targetIPs), repeating the relay's own peer check in the kernel (defence in depth);
+- any other *new* connection to the source IP is refused: TCP with a reset, anything else
+  with ICMP port unreachable. Refused, not dropped: a pod or target that is not allowed
+  fails at once instead of hanging until its timeout, and a scanner learns nothing a
+  silent drop would hide (that the address is there shows in the ARP and the SSH port's
+  answers to the cluster anyway). So the node's other services (NodePorts bound to all
+  addresses excepted, as they are DNATed before INPUT), kubelet, anything on 0.0.0.0, are
+  not reachable through a source IP.
+
+An empty ``sshAllowFrom`` leaves SSH to the node itself: fail closed. The ACCEPTs let allowed
+peers through on nodes whose INPUT policy drops by default.
+
+Only new connections are refused: replies to the gateway's own connections from the source
+IP, and connections already established when a reload narrowed who may connect, fall
+through to the node's own rules and are left to finish, as the relay and the SSH server
+leave them (a reload decides who may open *new* connections).
 
 **Source IPs kept** (``render_snat_rules``): one chain of ours in the nat table, jumped to
 from the very top of POSTROUTING, with one ``-s <sourceIP> -j SNAT --to-source <sourceIP>``
@@ -46,34 +59,50 @@ def family_of(address: str) -> Family:
 
 
 def render_ingress_rules(config: GatewayConfig, family: Family = "ipv4") -> ChainSet:
-    """filter-table rules for the ingress entries of ``config`` whose source IP is ``family``."""
+    """filter-table rules guarding every ``family`` source IP of ``config``."""
     host = "/128" if family == "ipv6" else "/32"
+    reject_other = "icmp6-port-unreachable" if family == "ipv6" else "icmp-port-unreachable"
+    allow_from = [network for network in config.ssh_allow_from if family_of(network) == family]
     specs: list[str] = []
     for source in config.sources:
         if family_of(source.source_ip) != family:
             continue
-        listen = f"-d {source.source_ip}{host} -p tcp -m tcp"
+        to = f"-d {source.source_ip}{host}"
+        ssh = f"{to} -p tcp -m tcp --dport {config.ssh_port}"
+        where = _where(source.source_ip, config.ssh_port, family)
+        specs.append(
+            f"{to} -i lo -p tcp -m tcp --dport {config.ssh_port} "
+            f"{comment(f'ssh {where} from the node itself')} -j ACCEPT"
+        )
+        for network in allow_from:
+            specs.append(f"-s {network} {ssh} {comment(f'ssh {where} from {network}')} -j ACCEPT")
+        listen = f"{to} -p tcp -m tcp"
         for port, (_, peers) in sorted(source.ingress_ports().items()):
-            where = (
-                f"{source.source_ip}:{port}"
-                if family == "ipv4"
-                else (f"[{source.source_ip}]:{port}")
-            )
+            where = _where(source.source_ip, port, family)
             for peer in sorted(peers, key=ipaddress.ip_address):
                 specs.append(
                     f"-s {peer}{host} {listen} --dport {port} "
                     f"{comment(f'ingress {where} from {peer}')} -j ACCEPT"
                 )
-            specs.append(
-                f"{listen} --dport {port} -m conntrack --ctstate NEW "
-                f"{comment(f'ingress {where} from anyone else')} "
-                "-j REJECT --reject-with tcp-reset"
-            )
-    hook = comment("k8s-ext-connector: ingress through source IPs")
-    jump = Jump(chain="INPUT", spec=f"-p tcp {hook} -j {INGRESS_CHAIN}")
+        specs.append(
+            f"{to} -p tcp -m conntrack --ctstate NEW "
+            f"{comment(f'{source.source_ip}: any other TCP connection')} "
+            "-j REJECT --reject-with tcp-reset"
+        )
+        specs.append(
+            f"{to} -m conntrack --ctstate NEW "
+            f"{comment(f'{source.source_ip}: anything else')} "
+            f"-j REJECT --reject-with {reject_other}"
+        )
+    hook = comment("k8s-ext-connector: only the cluster and targets reach source IPs")
+    jump = Jump(chain="INPUT", spec=f"{hook} -j {INGRESS_CHAIN}")
     return ChainSet(
         table=TABLE, chains={INGRESS_CHAIN: tuple(specs)}, jumps=(jump,), owned_prefix=OWNED_PREFIX
     )
+
+
+def _where(address: str, port: int, family: Family) -> str:
+    return f"[{address}]:{port}" if family == "ipv6" else f"{address}:{port}"
 
 
 def render_snat_rules(config: GatewayConfig, family: Family = "ipv4") -> ChainSet:

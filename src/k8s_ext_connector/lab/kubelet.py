@@ -62,6 +62,7 @@ from k8s_ext_connector.lab.cluster import (
 )
 from k8s_ext_connector.lab.topology import (
     GATEWAY_IFACE,
+    POD_CIDR,
     POD_GATEWAY_IP,
     SERVICE_CIDR,
     CrashBackoff,
@@ -249,7 +250,15 @@ class Kubelet:
     # ---- node ---------------------------------------------------------------------------
     def register_node(self) -> None:
         self.plane.call(
-            "POST", "/api/v1/nodes", {"metadata": {"name": self.node}}, agent=KUBELET_AGENT
+            "POST",
+            "/api/v1/nodes",
+            # The pod network, as a node IPAM controller assigns it: the operator allows
+            # it (and the InternalIP) to the gateway's SSH port.
+            {
+                "metadata": {"name": self.node},
+                "spec": {"podCIDR": POD_CIDR, "podCIDRs": [POD_CIDR]},
+            },
+            agent=KUBELET_AGENT,
         )
         self.plane.call(
             "PATCH",
@@ -264,7 +273,8 @@ class Kubelet:
             agent=KUBELET_AGENT,
         )
         self.say(
-            f"as kubelet: registered Node {self.node} (Ready, InternalIP {POD_GATEWAY_IP});"
+            f"as kubelet: registered Node {self.node} (Ready, InternalIP {POD_GATEWAY_IP},"
+            f" podCIDR {POD_CIDR});"
             " it is the gateway netns, and every pod's node"
         )
 

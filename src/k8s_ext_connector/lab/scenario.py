@@ -9,7 +9,7 @@ them the ClusterIPs the lab emulates and port 80, as the seed's ``kubectl expose
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from k8s_ext_connector.certs.ssh import KeyPair, generate_key_pair
 from k8s_ext_connector.core.api import ExternalService, ExternalServiceSpec, ServiceRef
@@ -22,6 +22,7 @@ from k8s_ext_connector.core.planner import (
 )
 from k8s_ext_connector.lab.topology import (
     EXTERNAL_SERVER_IP,
+    POD_CIDR,
     POD_HTTP_PORT,
     SERVICE_IP,
     SOURCE_IPS,
@@ -83,4 +84,5 @@ def plan_seed(
     result = plan([es], facts, material)
     if result.problems:
         raise ValueError(f"seed scenario does not plan: {dict(result.problems)}")
-    return result
+    # What the operator adds from the Nodes: SSH from the pod network only.
+    return replace(result, gateway=replace(result.gateway, ssh_allow_from=(POD_CIDR,)))

@@ -53,6 +53,7 @@ from k8s_ext_connector.lab import netns
 
 POD_GATEWAY_IP = "198.51.100.1"
 POD_PREFIX = 25
+POD_CIDR = f"198.51.100.0/{POD_PREFIX}"  # the pods' network: what may reach the SSH port
 SERVICE_CIDR = "198.51.100.128/25"
 SERVICE_IP = "198.51.100.130"
 GATEWAY_EXTERNAL_IP = "203.0.113.1"

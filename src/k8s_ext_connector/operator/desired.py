@@ -31,7 +31,13 @@ from functools import cached_property
 from typing import Any
 
 from k8s_ext_connector.core.api import GATEWAY_NODE_LABEL, ServiceRef
-from k8s_ext_connector.core.config import GatewayConfig, SidecarConfig, SourceIPConfig, dump
+from k8s_ext_connector.core.config import (
+    GatewayConfig,
+    SidecarConfig,
+    SourceIPConfig,
+    dump,
+    unique_networks,
+)
 from k8s_ext_connector.core.planner import (
     INVALID_NAME,
     ClusterFacts,
@@ -78,6 +84,9 @@ class OperatorSettings:
     listen_port: int = 15001
     intercept_target: bool = True
     own_namespace_sources: bool = False  # planner.PlanOptions.own_namespace_sources
+    # Extra networks allowed to the gateways' SSH port (chart gateway.sshAllowFrom), for
+    # clusters whose Nodes carry no podCIDRs (e.g. Calico IPAM); see ssh_allow_from.
+    ssh_allow_from: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -329,7 +338,7 @@ def compute(
             service, config, keys.clients[service]
         )
     configmaps[(settings.connector_namespace, GATEWAY_CONFIGMAP)] = _gateway_configmap(
-        result.gateway, assignment, gateways, keys, settings
+        result.gateway, assignment, gateways, keys, settings, snapshot.nodes
     )
 
     # Problems of ExternalServices held back (not planned): the reason they are held,
@@ -417,19 +426,38 @@ def _sidecar_configmap(
     }
 
 
+def ssh_allow_from(nodes: Sequence[NodeRecord], settings: OperatorSettings) -> tuple[str, ...]:
+    """Who may reach the gateways' SSH port: the cluster. Every node's pod CIDRs (its pods)
+    and InternalIPs (pods a CNI masquerades to their node's address, hostNetwork pods),
+    plus the operator's own list. Nodes that are not Ready count too: their pods may still
+    run and dial."""
+    networks = [*settings.ssh_allow_from]
+    for node in nodes:
+        networks.extend(node.pod_cidrs)
+        networks.extend(node.internal_ips)
+    return unique_networks(networks)
+
+
 def _gateway_configmap(
     planned: GatewayConfig,
     assignment: Mapping[str, str | None],
     gateways: list[str],
     keys: KeyBook,
     settings: OperatorSettings,
+    nodes: Sequence[NodeRecord],
 ) -> dict[str, Any]:
     data = {}
     for node in gateways:
         sources: tuple[SourceIPConfig, ...] = tuple(
             s for s in planned.sources if assignment.get(s.source_ip) == node
         )
-        data[f"{node}.yaml"] = dump(GatewayConfig(sources=sources, ssh_port=settings.ssh_port))
+        data[f"{node}.yaml"] = dump(
+            GatewayConfig(
+                sources=sources,
+                ssh_port=settings.ssh_port,
+                ssh_allow_from=ssh_allow_from(nodes, settings),
+            )
+        )
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",

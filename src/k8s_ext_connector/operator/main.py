@@ -10,6 +10,7 @@ import socket
 from dataclasses import dataclass
 
 from k8s_ext_connector.core.api import NODE_RESTRICTION_PREFIX, node_may_set_label
+from k8s_ext_connector.core.config import read_network, unique_networks
 from k8s_ext_connector.core.errors import ConfigError
 from k8s_ext_connector.core.health import serve_health
 from k8s_ext_connector.core.kube import KubeClient, load_credentials
@@ -47,6 +48,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--ssh-port", type=int, default=2022, help="gateway SSH port")
     parser.add_argument(
+        "--ssh-allow-from",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="also allow this network to the gateways' SSH port (repeatable); the nodes' "
+        "podCIDRs and InternalIPs always are. For CNIs whose Nodes carry no podCIDRs "
+        "(e.g. Calico IPAM): the pod network's CIDR",
+    )
+    parser.add_argument(
         "--own-namespace-sources",
         action="store_true",
         help="an ExternalService may only name source Services of its own namespace "
@@ -83,12 +93,14 @@ def command_from(args: argparse.Namespace) -> OperatorCommand:
         raise ConfigError("--ssh-port", args.ssh_port, "must be a TCP port number 1-65535")
     if not 0 <= args.health_port <= 65535:
         raise ConfigError("--health-port", args.health_port, "must be 0 (off) or a port 1-65535")
+    allow_from = unique_networks(read_network(n, "--ssh-allow-from") for n in args.ssh_allow_from)
     return OperatorCommand(
         settings=OperatorSettings(
             connector_namespace=args.connector_namespace,
             gateway_label=(key, value),
             ssh_port=args.ssh_port,
             own_namespace_sources=args.own_namespace_sources,
+            ssh_allow_from=allow_from,
         ),
         kubeconfig=args.kubeconfig,
         leader_election=not args.no_leader_election,

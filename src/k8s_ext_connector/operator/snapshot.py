@@ -6,6 +6,7 @@ reconcile reads the whole picture from memory: no list call per reconcile.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,6 +84,10 @@ class NodeRecord:
     # The node's own IPs (status.addresses InternalIP/ExternalIP), canonical text: no
     # sourceIP may be one of them.
     addresses: tuple[str, ...] = ()
+    # What may dial a gateway's SSH port from this node (sshAllowFrom): its pods'
+    # networks (spec.podCIDRs) and its InternalIPs (pods masqueraded to the node's address).
+    pod_cidrs: tuple[str, ...] = ()
+    internal_ips: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -152,10 +157,10 @@ def service_record(body: Mapping[str, Any]) -> ServiceRecord:
     )
 
 
-def _node_addresses(listed: object) -> tuple[str, ...]:
+def _node_addresses(listed: object, types: tuple[str, ...] = NODE_ADDRESS_TYPES) -> tuple[str, ...]:
     found = set()
     for entry in listed if isinstance(listed, list) else []:
-        if isinstance(entry, Mapping) and entry.get("type") in NODE_ADDRESS_TYPES:
+        if isinstance(entry, Mapping) and entry.get("type") in types:
             try:
                 found.add(canonical_ip(str(entry.get("address", ""))))
             except ValueError:
@@ -163,8 +168,20 @@ def _node_addresses(listed: object) -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
+def _pod_cidrs(spec: Mapping[str, Any]) -> tuple[str, ...]:
+    listed = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
+    found = set()
+    for cidr in listed if isinstance(listed, list) else []:
+        try:
+            found.add(str(ipaddress.ip_network(str(cidr), strict=False)))
+        except ValueError:
+            continue  # a malformed CIDR allows nothing
+    return tuple(sorted(found))
+
+
 def node_record(body: Mapping[str, Any]) -> NodeRecord:
     meta = _meta(body)
+    spec = body.get("spec") or {}
     status = body.get("status") or {}
     conditions = status.get("conditions") or []
     ready = any(
@@ -177,6 +194,8 @@ def node_record(body: Mapping[str, Any]) -> NodeRecord:
         labels=_pairs(meta.get("labels")),
         ready=ready,
         addresses=_node_addresses(status.get("addresses")),
+        pod_cidrs=_pod_cidrs(spec if isinstance(spec, Mapping) else {}),
+        internal_ips=_node_addresses(status.get("addresses"), ("InternalIP",)),
     )
 
 
