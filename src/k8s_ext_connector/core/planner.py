@@ -13,11 +13,12 @@ This is the one place where the seed's semantics live:
   source Service, is relayed by the gateway to that Service's ``ClusterIP:<p>``; nobody
   else may connect there.
 
-The planner is pure. A problem with one ExternalService (a name no Service can have, a
-targetIP or sourceIP that is loopback, link-local, unspecified, multicast or broadcast, a
-sourceIP that is a node's own address, a missing source service, a source IP claimed by
-two services for the same target port, ...) is reported for that ExternalService, which
-is left out of the plan; the others are planned as usual. Where two
+The planner is pure. A problem with one ExternalService (a name no Service can have, an
+IPv6 address (the data plane serves IPv4 only), a targetIP or sourceIP that is loopback,
+link-local, unspecified, multicast or broadcast, a sourceIP that is the targetIP or a
+node's own address, a sourceIP, Service, port or port name listed twice, a missing source
+service, a source IP claimed by two services for the same target port, ...) is reported
+for that ExternalService, which is left out of the plan; the others are planned as usual. Where two
 ExternalServices conflict, the one earlier in the input order keeps its claim (the operator
 passes them oldest first).
 
