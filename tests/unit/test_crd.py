@@ -89,8 +89,22 @@ def test_names_status_and_columns() -> None:
     ]
 
 
+# Property names that are CEL keywords are seen by the API server's CEL as __<name>__.
+_CEL_RESERVED = {"namespace", "in", "as", "break", "const", "continue", "else", "for",
+                 "function", "if", "import", "let", "loop", "package", "return", "var",
+                 "void", "while", "true", "false", "null"}
+
+
+def _escaped(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {(f"__{k}__" if k in _CEL_RESERVED else k): _escaped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escaped(v) for v in value]
+    return value
+
+
 def _evaluate(expression: str, value: Any) -> Any:
-    return CEL.program(CEL.compile(expression)).evaluate({"self": json_to_cel(value)})
+    return CEL.program(CEL.compile(expression)).evaluate({"self": json_to_cel(_escaped(value))})
 
 
 def _cel_failures(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
@@ -230,24 +244,21 @@ REFUSED = [
     pytest.param(("spec", "targetIP"), "255.255.255.255", "is a reserved address",
                  "ReservedAddress", id="broadcast"),
     pytest.param(("spec", "sources", 1, "sourceIP"), "192.168.122.200",
-                 ".spec.sources: sourceIP 192.168.122.200 is listed more than once",
+                 ".spec.sources: a sourceIP is listed more than once",
                  "DuplicateSourceIP", id="same-source-ip"),
     pytest.param(("spec", "sources", 1, "service"), SVC1,
-                 ".spec.sources: Service ns1/my-service1 is listed more than once",
+                 ".spec.sources: a Service is listed more than once",
                  "SourceListedTwice", id="same-service"),
     pytest.param(("spec", "sources", 1, "sourceIP"), "192.168.122.139",
                  ".spec: sourceIP 192.168.122.139 is also the targetIP", "SourceIPIsTarget",
                  id="source-is-target"),
     pytest.param(("spec", "ports"), _ports({"port": 8000}, {"port": 8000, "targetPort": 9000}),
-                 ".spec.ports: port 8000 is listed more than once", "DuplicatePort",
+                 ".spec.ports: a port is listed more than once", "DuplicatePort",
                  id="same-port"),
     pytest.param(("spec", "ports"),
                  _ports({"port": 8000, "name": "web"}, {"port": 8001, "name": "web"}),
-                 ".spec.ports: port name web is used more than once", "DuplicatePortName",
+                 ".spec.ports: a port name is used more than once", "DuplicatePortName",
                  id="same-port-name"),
-    pytest.param(("spec", "ports"), _ports({"port": 8001}, {"port": 8000, "name": "tcp-8001"}),
-                 ".spec.ports: port name tcp-8001 is used more than once", "DuplicatePortName",
-                 id="name-of-an-unnamed-port"),
 ]
 
 
@@ -274,6 +285,15 @@ def test_the_crd_refuses_what_the_operator_refuses(
     failures = _cel_failures(SCHEMA, obj)
     assert any(message in failure for failure in failures), failures
     assert _accepted(obj) == ("False", reason)
+
+
+def test_a_name_that_an_unnamed_port_gets_is_the_operators_to_refuse() -> None:
+    """Port 8001 without a name is tcp-8001 on the connector Service. A CEL rule building
+    'tcp-' + string(port) exceeds the API server's estimated cost budget, so only the
+    operator refuses this one."""
+    obj = _with(("spec", "ports"), _ports({"port": 8001}, {"port": 8000, "name": "tcp-8001"}))
+    assert _cel_failures(SCHEMA, obj) == []
+    assert _accepted(obj) == ("False", "DuplicatePortName")
 
 
 @pytest.mark.parametrize(
