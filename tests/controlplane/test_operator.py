@@ -239,8 +239,12 @@ def test_seed_example_becomes_ready_with_every_object(cluster: Cluster) -> None:
     assert status["observedGeneration"] == c.es()["metadata"]["generation"]
     assert [s["gatewayNode"] for s in status["sources"]] == ["gw1", "gw1"]
     table = c.kubectl("get", "externalservices")
-    assert table.split("\n")[0].split() == ["NAME", "TARGET", "SOURCES", "READY", "AGE"]
-    assert table.split("\n")[1].split()[:4] == ["my-externalservice", "192.168.122.139", "2", "2/2"]
+    assert table.split("\n")[0].split() == [
+        "NAME", "TARGET", "SOURCES", "READY", "GENERATION", "OBSERVED", "AGE"
+    ]
+    assert table.split("\n")[1].split()[:6] == [
+        "my-externalservice", "192.168.122.139", "2", "2/2", "1", "1"
+    ]
     assert "my-externalservice" in c.kubectl("get", "extsvc", "-A")
     events = c.api.list_objects("", "v1", "events", "default")
     assert any(e["reason"] == "TunnelsReady" for e in events)
@@ -324,6 +328,39 @@ BAD_CASES = {
         ("Accepted", "False", "InvalidSpec"),
         "spec.colour",
     ),
+    # What the CRD refuses at apply on a real API server, but an older CRD (or this
+    # emulator, which evaluates no CEL) lets through: refused in status, never Accepted.
+    "ipv6-source": (
+        "sourceIP: 192.168.122.201",
+        "sourceIP: '2001:db8::5'",
+        ("Accepted", "False", "IPv6NotSupported"),
+        "spec.sources[1].sourceIP: 2001:db8::5 is an IPv6 address; IPv6 is not supported yet",
+    ),
+    "leading-zero": (
+        "targetIP: 192.168.122.139",
+        "targetIP: 192.168.122.010",
+        ("Accepted", "False", "InvalidSpec"),
+        "spec.targetIP: '192.168.122.010': must be an IPv4 address in dotted-quad form "
+        "without leading zeros",
+    ),
+    "duplicate-source-ip": (
+        "sourceIP: 192.168.122.201",
+        "sourceIP: 192.168.122.200",
+        ("Accepted", "False", "DuplicateSourceIP"),
+        "spec.sources[1].sourceIP: 192.168.122.210 is already the sourceIP of spec.sources[0]",
+    ),
+    "duplicate-port": (
+        "- {protocol: TCP, port: 8000, targetPort: 8000}",
+        "- {protocol: TCP, port: 8000, targetPort: 8000}\n  - {port: 8000, targetPort: 9000}",
+        ("Accepted", "False", "DuplicatePort"),
+        "spec.ports[1].port: 8000 is already listed in spec.ports[0]",
+    ),
+    "source-is-target": (
+        "sourceIP: 192.168.122.201",
+        "sourceIP: 192.168.122.139",
+        ("Accepted", "False", "SourceIPIsTarget"),
+        "spec.sources[1].sourceIP: 192.168.122.140 is also spec.targetIP",
+    ),
 }
 
 
@@ -355,6 +392,12 @@ def test_bad_input_shows_in_status_and_events_and_spares_others(
     )
     assert c.condition("Ready") == ("True", "TunnelsReady")  # the other one is unaffected
     assert "Ready" in c.kubectl("describe", "externalservice", "bad")
+    # Nothing of the bad one reaches the gateway (an IPv6 source there failed its whole
+    # config, and with it every other ExternalService's tunnels).
+    gateway = c.api.get_object("", "v1", "configmaps", "external-services", "ext-connector-gateway")
+    assert gateway is not None
+    sources = yaml.safe_load(gateway["data"]["gw1.yaml"])["sources"]
+    assert [s["sourceIP"] for s in sources] == ["192.168.122.200", "192.168.122.201"]
 
 
 def test_conflicting_source_ip_is_reported_on_the_newer(cluster: Cluster) -> None:
@@ -709,3 +752,45 @@ def test_a_source_ip_that_is_a_node_address_is_refused(cluster: Cluster) -> None
     assert yaml.safe_load(gateway["data"]["gw1.yaml"])["sources"] == []
     addresses("192.168.122.5")  # the node's address changes: nothing stands in the way now
     c.wait(lambda: c.condition("Ready") == ("True", "TunnelsReady"), "Ready")
+
+
+# ---- while no operator runs (#10) ------------------------------------------------------------
+
+
+def _row(c: Cluster) -> list[str]:
+    """READY, GENERATION, OBSERVED of the seed's row in ``kubectl get externalservices``."""
+    lines = c.kubectl("get", "externalservices").splitlines()
+    assert lines[0].split()[3:6] == ["READY", "GENERATION", "OBSERVED"], lines[0]
+    return lines[1].split()[3:6]
+
+
+def test_a_spec_the_operator_has_not_seen_shows_as_such(cluster: Cluster) -> None:
+    c = cluster
+    ready_pods(c)
+    c.kubectl("apply", "-f", "-", stdin=SEED)
+    c.wait(lambda: c.condition("Ready") == ("True", "TunnelsReady"), "Ready")
+    c.wait(lambda: _row(c) == ["2/2", "1", "1"], "READY 2/2 for generation 1")
+    assert operator_stopped(c)
+    c.kubectl("apply", "-f", "-", stdin=SEED.replace("targetPort: 8000", "targetPort: 8080"))
+    # Nothing rewrites the status now: the columns and the conditions say it is old.
+    assert _row(c) == ["2/2", "2", "1"]
+    ready = next(x for x in c.es()["status"]["conditions"] if x["type"] == "Ready")
+    assert (ready["status"], ready["observedGeneration"]) == ("True", 1)
+    waited = run_kubectl(
+        c.kubeconfig,
+        ("wait", "--for=condition=Ready", "--timeout=2s", "externalservice/my-externalservice"),
+        None,
+        c.workdir / "kube-cache",
+    )
+    assert waited.returncode != 0, waited.stdout  # kubectl wait compares observedGeneration
+    c.operator = c.start_operator("--no-leader-election")
+    c.wait(lambda: _row(c) == ["2/2", "2", "2"], "the new generation observed")
+    assert {x["observedGeneration"] for x in c.es()["status"]["conditions"]} == {2}
+    c.kubectl("wait", "--for=condition=Ready", "--timeout=20s",
+              "externalservice/my-externalservice")
+
+
+def operator_stopped(c: Cluster) -> bool:
+    assert c.operator is not None
+    c.operator.terminate()
+    return c.operator.wait(10) is not None

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import yaml
 
 from k8s_ext_connector.lab import netns, state
 from k8s_ext_connector.lab.client import run_gets
@@ -32,7 +33,13 @@ from k8s_ext_connector.lab.session import (
     seed_manifest,
     table,
 )
-from k8s_ext_connector.lab.topology import SERVICE_CIDR, SOURCE_IPS
+from k8s_ext_connector.lab.topology import (
+    EXTERNAL_SERVER_IP,
+    GATEWAY_EXTERNAL_IP,
+    SERVICE_CIDR,
+    SINK_PORT,
+    SOURCE_IPS,
+)
 
 pytestmark = [
     pytest.mark.root,
@@ -156,6 +163,42 @@ def test_editing_the_externalservice_adds_a_port(session: LabSession) -> None:
     assert [p["port"] for p in ports["spec"]["ports"]] == [8000, 8001]
     session.apply(seed_manifest())
     wait_for(lambda: es(session)["status"].get("observedGeneration") == 3, 10, "the edit back")
+    assert_table(session)
+
+
+def test_the_gateway_nodes_own_address_is_refused_as_a_source_ip(session: LabSession) -> None:
+    """gw1's address on the external network used to be accepted as a sourceIP: the gateway
+    then held it and relayed its ports (the node's own) to the source Service."""
+    ref = session.apply(f"""\
+apiVersion: submariner.io/v1alpha1
+kind: ExternalService
+metadata: {{name: node-address, namespace: default}}
+spec:
+  targetIP: {EXTERNAL_SERVER_IP}
+  sources:
+  - service: {{namespace: ns1, name: my-service1}}
+    sourceIP: {GATEWAY_EXTERNAL_IP}
+  ports:
+  - {{port: {SINK_PORT}}}
+""")
+
+    def accepted() -> tuple[str, str] | None:
+        obj = session.cluster.externalservice(*ref)
+        for c in (obj or {}).get("status", {}).get("conditions", []):
+            if c["type"] == "Accepted":
+                return c["status"], c["message"]
+        return None
+
+    status, message = wait_for(accepted, 10, "the operator's verdict")
+    assert status == "False", message
+    assert message.startswith(
+        f"spec.sources[0].sourceIP: {GATEWAY_EXTERNAL_IP} is an address of node gw1"
+    ), message
+    gateway = session.cluster.get("configmaps", CONNECTOR_NAMESPACE, "ext-connector-gateway")
+    assert gateway is not None
+    sources = yaml.safe_load(gateway["data"]["gw1.yaml"])["sources"]
+    assert [s["sourceIP"] for s in sources] == list(SOURCE_IPS)
+    session.delete(ref)
     assert_table(session)
 
 

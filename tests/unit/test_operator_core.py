@@ -81,7 +81,8 @@ def test_records_from_bodies() -> None:
     es = externalservice_record({"metadata": {"name": "x", "namespace": "default",
                                               "generation": 3}, "spec": {"targetIP": "nope"}})
     assert es.spec is None
-    assert es.invalid == "spec.targetIP: 'nope': must be an IPv4 or IPv6 address"
+    assert es.invalid == ("spec.targetIP: 'nope': must be an IPv4 address in dotted-quad form "
+                          "without leading zeros, e.g. 192.168.122.10")
     svc = service_record({"metadata": {"name": "s", "namespace": "n"},
                           "spec": {"clusterIP": "None", "selector": {"app": "a"},
                                    "ports": [{"port": 80}]}})
@@ -569,3 +570,40 @@ def test_gateway_configs_allow_ssh_from_every_nodes_pods_and_addresses_only() ->
     bare = yaml.safe_load(without.configmaps[("external-services", GATEWAY_CONFIGMAP)]["data"]
                           ["gw1.yaml"])
     assert "sshAllowFrom" not in bare  # nothing known: the gateway refuses SSH (fail closed)
+
+
+# ---- what the data plane cannot serve; a status that says which spec it describes (#10) ----
+
+
+def test_every_condition_says_which_generation_it_describes() -> None:
+    body = es_body()
+    body["metadata"]["generation"] = 7
+    bad = es_body(name="bad", spec={**seed_spec(), "targetIP": "nope"})
+    bad["metadata"]["generation"] = 3
+    desired = compute(snapshot(body, bad, pods=READY_PODS), KEYS, SETTINGS)
+    for name, generation in (("my-externalservice", 7), ("bad", 3)):
+        status = desired.statuses[ServiceRef("default", name)]
+        assert status["observedGeneration"] == generation
+        assert [c["observedGeneration"] for c in status["conditions"]] == [generation] * len(
+            status["conditions"]
+        ), name
+
+
+def test_an_ipv6_source_is_refused_gets_nothing_and_spares_the_others() -> None:
+    """An IPv6 sourceIP (IPv4 target) used to be Accepted; the gateway, IPv4 only, then
+    failed its whole config, i.e. every ExternalService's tunnels."""
+    bad = es_body(name="v6", spec={**seed_spec(), "targetIP": "192.168.122.140", "sources": [
+        {"service": {"namespace": "ns1", "name": "my-service1"}, "sourceIP": "2001:db8::5"}]})
+    desired = compute(snapshot(es_body(), bad, pods=READY_PODS), KEYS, SETTINGS)
+    status = desired.statuses[ServiceRef("default", "v6")]
+    assert conditions(status)["Accepted"] == ("False", "IPv6NotSupported")
+    assert conditions(status)["Ready"] == ("False", "IPv6NotSupported")
+    assert _message(status, "Accepted") == (
+        "spec.sources[0].sourceIP: 2001:db8::5 is an IPv6 address; IPv6 is not supported yet: "
+        "give an IPv4 address")
+    assert ("external-services", "v6") not in desired.services
+    gateway = yaml.safe_load(
+        desired.configmaps[("external-services", GATEWAY_CONFIGMAP)]["data"]["gw1.yaml"])
+    assert [s["sourceIP"] for s in gateway["sources"]] == ["192.168.122.200", "192.168.122.201"]
+    good = desired.statuses[ServiceRef("default", "my-externalservice")]
+    assert conditions(good)["Ready"] == ("True", "TunnelsReady")

@@ -2,15 +2,18 @@
 
 Only the spec is parsed here (status belongs to the operator). Parsing names the field
 and value of anything the seed's semantics cannot serve, e.g. a named ``targetPort``
-(an external server has no named ports) or UDP (not supported yet).
+(an external server has no named ports), UDP (not supported yet) or an IPv4 address with
+leading zeros. What parses but cannot be served (IPv6, duplicates) is for
+``planner.spec_problems``, which gives each its own reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from k8s_ext_connector.core.errors import ConfigError
-from k8s_ext_connector.core.fields import DNS_1035_LABEL, DNS_LABEL, Fields
+from k8s_ext_connector.core.fields import DNS_1035_LABEL, DNS_LABEL, Fields, canonical_ip
 
 GROUP = "submariner.io"
 VERSION = "v1alpha1"
@@ -80,6 +83,11 @@ class ExternalPort:
     protocol: str = "TCP"
     name: str = ""
 
+    @property
+    def service_port_name(self) -> str:
+        """Its name on the connector Service (where names must be unique)."""
+        return self.name or f"tcp-{self.port}"
+
     @staticmethod
     def read(data: object, path: str) -> ExternalPort:
         f = Fields(data, path)
@@ -112,6 +120,21 @@ def is_dns1035_label(value: str) -> bool:
     return bool(DNS_1035_LABEL.fullmatch(value))
 
 
+def _address(f: Fields, name: str) -> str:
+    """An IP address field, canonical text. Python refuses IPv4 with leading zeros
+    (``192.168.122.010``: octal to some parsers, decimal to others), as the CRD does; an
+    IPv6 address parses here and is refused by the planner (``IPv6NotSupported``)."""
+    value = f.raw(name)
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return canonical_ip(value)
+    raise ConfigError(
+        f.path(name),
+        value,
+        "must be an IPv4 address in dotted-quad form without leading zeros, e.g. 192.168.122.10",
+    )
+
+
 def _dns_label(f: Fields, name: str) -> str:
     value = f.string(name)
     if not DNS_LABEL.fullmatch(value):
@@ -134,7 +157,7 @@ class Source:
             service=ServiceRef(
                 namespace=_dns_label(svc, "namespace"), name=_dns_label(svc, "name")
             ),
-            source_ip=f.ip("sourceIP"),
+            source_ip=_address(f, "sourceIP"),
         )
         svc.done()
         f.done()
@@ -151,7 +174,7 @@ class ExternalServiceSpec:
     def from_dict(data: object, path: str = "spec") -> ExternalServiceSpec:
         f = Fields(data, path)
         spec = ExternalServiceSpec(
-            target_ip=f.ip("targetIP"),
+            target_ip=_address(f, "targetIP"),
             sources=f.items("sources", Source.read),
             ports=f.items("ports", ExternalPort.read),
         )
@@ -160,12 +183,7 @@ class ExternalServiceSpec:
             raise ConfigError(f.path("sources"), [], "must list at least one source")
         if not spec.ports:
             raise ConfigError(f.path("ports"), [], "must list at least one port")
-        seen: set[int] = set()
-        for i, port in enumerate(spec.ports):
-            if port.port in seen:
-                raise ConfigError(f"{path}.ports[{i}].port", port.port, "is listed twice")
-            seen.add(port.port)
-        return spec
+        return spec  # duplicates and IPv6 are the planner's (spec_problems), with reasons
 
 
 @dataclass(frozen=True)

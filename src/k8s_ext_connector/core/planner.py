@@ -13,11 +13,12 @@ This is the one place where the seed's semantics live:
   source Service, is relayed by the gateway to that Service's ``ClusterIP:<p>``; nobody
   else may connect there.
 
-The planner is pure. A problem with one ExternalService (a name no Service can have, a
-targetIP or sourceIP that is loopback, link-local, unspecified, multicast or broadcast, a
-sourceIP that is a node's own address, a missing source service, a source IP claimed by
-two services for the same target port, ...) is reported for that ExternalService, which
-is left out of the plan; the others are planned as usual. Where two
+The planner is pure. A problem with one ExternalService (a name no Service can have, an
+IPv6 address (the data plane serves IPv4 only), a targetIP or sourceIP that is loopback,
+link-local, unspecified, multicast or broadcast, a sourceIP that is the targetIP or a
+node's own address, a sourceIP, Service, port or port name listed twice, a missing source
+service, a source IP claimed by two services for the same target port, ...) is reported
+for that ExternalService, which is left out of the plan; the others are planned as usual. Where two
 ExternalServices conflict, the one earlier in the input order keeps its claim (the operator
 passes them oldest first).
 
@@ -59,10 +60,17 @@ class Problem(str):
         return problem
 
 
-# Reasons of problems found in the spec alone (besides the parser's InvalidSpec).
+# Reasons of problems found in the spec alone (besides the parser's InvalidSpec). The
+# CRD refuses the same at apply where CEL can tell (not NodeAddress, SourceOutsideNamespace).
 INVALID_NAME = "InvalidName"
+IPV6_NOT_SUPPORTED = "IPv6NotSupported"
 RESERVED_ADDRESS = "ReservedAddress"
 NODE_ADDRESS = "NodeAddress"
+SOURCE_IP_IS_TARGET = "SourceIPIsTarget"
+DUPLICATE_SOURCE_IP = "DuplicateSourceIP"
+SOURCE_LISTED_TWICE = "SourceListedTwice"
+DUPLICATE_PORT = "DuplicatePort"
+DUPLICATE_PORT_NAME = "DuplicatePortName"
 SOURCE_OUTSIDE_NAMESPACE = "SourceOutsideNamespace"
 
 # Reasons of warnings: ingress does not work (fully), egress is unaffected.
@@ -290,6 +298,17 @@ _THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
 _BROADCAST = ipaddress.ip_address("255.255.255.255")
 
 
+def ipv6_problem(where: str, value: str) -> Problem | None:
+    """IPv6 parses but is not served yet: the sidecar intercepts and the gateway holds and
+    filters IPv4 only, so one IPv6 address in a gateway config would fail all of it."""
+    if ipaddress.ip_address(value).version == 4:
+        return None
+    return Problem(
+        IPV6_NOT_SUPPORTED,
+        f"{where}: {value} is an IPv6 address; IPv6 is not supported yet: give an IPv4 address",
+    )
+
+
 def address_problem(where: str, value: str) -> Problem | None:
     """Why ``value`` (at field ``where``) can be neither a targetIP nor a sourceIP.
 
@@ -328,8 +347,11 @@ def spec_problems(
     own_namespace_sources: bool = False,
 ) -> tuple[Problem, ...]:
     """What is wrong with ``es`` whatever the other ExternalServices say: its name, its
-    addresses, sourceIPs that are a node's own address (``node_addresses``: address ->
-    node name), and, where the cluster asks for it, sources outside its namespace."""
+    addresses (IPv6, reserved, a sourceIP that is the targetIP or a node's own address:
+    ``node_addresses`` maps address -> node name), entries listed twice, and, where the
+    cluster asks for it, sources outside its namespace. An ExternalService with any of
+    these gets nothing written, so it cannot disturb the others (the gateway serves IPv4
+    only: one IPv6 source in its config would fail the whole config)."""
     found: list[Problem] = []
     if own_namespace_sources:
         for i, source in enumerate(es.spec.sources):
@@ -347,22 +369,78 @@ def spec_problems(
     invalid_name = name_problem(es.name)
     if invalid_name is not None:
         found.append(invalid_name)
-    target = address_problem("spec.targetIP", es.spec.target_ip)
+    target = ipv6_problem("spec.targetIP", es.spec.target_ip) or address_problem(
+        "spec.targetIP", es.spec.target_ip
+    )
     if target is not None:
         found.append(target)
+    first_with_ip: dict[str, int] = {}
+    first_with_service: dict[ServiceRef, int] = {}
     for i, source in enumerate(es.spec.sources):
         where = f"spec.sources[{i}].sourceIP"
-        reserved = address_problem(where, source.source_ip)
-        if reserved is not None:
-            found.append(reserved)
-        node = node_addresses.get(source.source_ip)
-        if node is not None:
+        address = ipv6_problem(where, source.source_ip) or address_problem(
+            where, source.source_ip
+        )
+        if address is not None:
+            found.append(address)
+        elif source.source_ip == es.spec.target_ip:
+            found.append(
+                Problem(
+                    SOURCE_IP_IS_TARGET,
+                    f"{where}: {source.source_ip} is also spec.targetIP; the gateway would "
+                    "hold the address of the server itself: choose another sourceIP",
+                )
+            )
+        elif (node := node_addresses.get(source.source_ip)) is not None:
             found.append(
                 Problem(
                     NODE_ADDRESS,
                     f"{where}: {source.source_ip} is an address of node {node}; the gateway "
                     "would filter that node's own traffic on it (SSH, kubelet, ...) and "
                     "answer for the node: choose an address no node has",
+                )
+            )
+        earlier = first_with_ip.setdefault(source.source_ip, i)
+        if earlier != i:
+            found.append(
+                Problem(
+                    DUPLICATE_SOURCE_IP,
+                    f"{where}: {source.source_ip} is already the sourceIP of "
+                    f"spec.sources[{earlier}]; the server tells sources apart by their "
+                    "source IP: give each its own",
+                )
+            )
+        earlier = first_with_service.setdefault(source.service, i)
+        if earlier != i:
+            found.append(
+                Problem(
+                    SOURCE_LISTED_TWICE,
+                    f"spec.sources[{i}].service: {source.service} is already listed in "
+                    f"spec.sources[{earlier}]; its pods leave with one source IP: keep one",
+                )
+            )
+    first_with_port: dict[int, int] = {}
+    first_with_name: dict[str, int] = {}
+    for i, port in enumerate(es.spec.ports):
+        earlier = first_with_port.setdefault(port.port, i)
+        if earlier != i:
+            found.append(
+                Problem(
+                    DUPLICATE_PORT,
+                    f"spec.ports[{i}].port: {port.port} is already listed in "
+                    f"spec.ports[{earlier}]; clients could not tell which targetPort they "
+                    "reach: keep one",
+                )
+            )
+            continue
+        earlier = first_with_name.setdefault(port.service_port_name, i)
+        if earlier != i:
+            found.append(
+                Problem(
+                    DUPLICATE_PORT_NAME,
+                    f"spec.ports[{i}].name: {port.service_port_name!r} is already the name "
+                    f"of spec.ports[{earlier}] (a port without a name is called "
+                    "tcp-<port>); the connector Service needs unique port names",
                 )
             )
     return tuple(found)
@@ -380,20 +458,9 @@ def _problems(
     found: list[Problem] = list(
         spec_problems(es, facts.node_addresses, options.own_namespace_sources)
     )
-    own_claims: dict[tuple[str, Endpoint], ServiceRef] = {}
     connector_ip = facts.connector_ips.get(es.ref)
-    listed: dict[ServiceRef, int] = {}
     for i, source in enumerate(es.spec.sources):
         where = f"spec.sources[{i}]"
-        if source.service in listed:
-            found.append(
-                Problem(
-                    "SourceListedTwice",
-                    f"{where}.service: {source.service} is already listed in "
-                    f"spec.sources[{listed[source.service]}]; its pods leave with one source IP",
-                )
-            )
-        listed.setdefault(source.service, i)
         if source.service not in facts.source_services:
             found.append(
                 Problem(
@@ -417,21 +484,18 @@ def _problems(
         for port in es.spec.ports:
             target = Endpoint(es.spec.target_ip, port.target_port)
             claim = (source.source_ip, target)
-            other = own_claims.get(claim) or (claims[claim][0] if claim in claims else None)
-            if other is not None and other != source.service:
-                owner = (
-                    f"ExternalService {claims[claim][1]}"
-                    if claim in claims
-                    else "this ExternalService"
-                )
+            # Claims of earlier ExternalServices (within one, spec_problems has the
+            # duplicates).
+            other, owner = claims.get(claim, (source.service, es.ref))
+            if other != source.service:
                 found.append(
                     Problem(
                         "SourceIPConflict",
                         f"{where}.sourceIP: {source.source_ip} already carries {other} to {target} "
-                        f"(in {owner}); the server could not tell the two apart on the way back",
+                        f"(in ExternalService {owner}); the server could not tell the two "
+                        "apart on the way back",
                     )
                 )
-            own_claims[claim] = source.service
             for destination in _intercepted(connector_ip, port.port, target, options):
                 holder = intercepts.get((source.service, destination))
                 if holder is not None and holder != es.ref:

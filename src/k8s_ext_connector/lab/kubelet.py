@@ -61,6 +61,7 @@ from k8s_ext_connector.lab.cluster import (
     is_test_net,
 )
 from k8s_ext_connector.lab.topology import (
+    GATEWAY_EXTERNAL_IP,
     GATEWAY_IFACE,
     POD_CIDR,
     POD_GATEWAY_IP,
@@ -266,7 +267,13 @@ class Kubelet:
             {
                 "status": {
                     "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
-                    "addresses": [{"type": "InternalIP", "address": POD_GATEWAY_IP}],
+                    # Both of the node's own addresses, as a cloud provider reports a
+                    # node's private and public ones: the operator refuses either as a
+                    # sourceIP (NodeAddress) only if the Node lists it.
+                    "addresses": [
+                        {"type": "InternalIP", "address": POD_GATEWAY_IP},
+                        {"type": "ExternalIP", "address": GATEWAY_EXTERNAL_IP},
+                    ],
                 }
             },
             "application/merge-patch+json",
@@ -274,8 +281,8 @@ class Kubelet:
         )
         self.say(
             f"as kubelet: registered Node {self.node} (Ready, InternalIP {POD_GATEWAY_IP},"
-            f" podCIDR {POD_CIDR});"
-            " it is the gateway netns, and every pod's node"
+            f" ExternalIP {GATEWAY_EXTERNAL_IP}, podCIDR {POD_CIDR}); it is the gateway"
+            " netns, and every pod's node"
         )
 
     def on_change(self, callback: Callable[[], None]) -> None:

@@ -399,7 +399,7 @@ def _connector_service(es: ExternalServiceRecord, settings: OperatorSettings) ->
             # other client is refused by kube-proxy instead of leaking with a node's IP.
             "ports": [
                 {
-                    "name": p.name or f"tcp-{p.port}",
+                    "name": p.service_port_name,
                     "protocol": "TCP",
                     "port": p.port,
                     "targetPort": p.target_port,
@@ -475,6 +475,13 @@ def _condition(kind: str, ok: bool, reason: str, message: str) -> dict[str, Any]
     return {"type": kind, "status": "True" if ok else "False", "reason": reason, "message": message}
 
 
+def _observed(conditions: list[dict[str, Any]], generation: int) -> list[dict[str, Any]]:
+    """Each condition says which spec it describes (the API conventions' observedGeneration):
+    while no operator runs, a condition below metadata.generation is visibly stale, and
+    ``kubectl wait --for=condition=Ready`` keeps waiting."""
+    return [{**condition, "observedGeneration": generation} for condition in conditions]
+
+
 def _status(
     es: ExternalServiceRecord,
     snapshot: Snapshot,
@@ -494,7 +501,12 @@ def _status(
         message = "; ".join(both)
         accepted = _condition("Accepted", False, both[0].reason, message)
         ready = _condition("Ready", False, both[0].reason, "fix the spec: " + message)
-        status.update(sourceCount=0, ready="0/0", conditions=[accepted, ready], sources=[])
+        status.update(
+            sourceCount=0,
+            ready="0/0",
+            conditions=_observed([accepted, ready], es.generation),
+            sources=[],
+        )
         return status
 
     found = list(problems.get(es.ref, ()))
@@ -610,7 +622,7 @@ def _status(
         clusterIP=connector_ips.get(es.ref, ""),
         sourceCount=len(es.spec.sources),
         ready=f"{ready_count}/{len(es.spec.sources)}",
-        conditions=[accepted, gateway, sidecars, ingress, ready],
+        conditions=_observed([accepted, gateway, sidecars, ingress, ready], es.generation),
         sources=sources,
     )
     return status
