@@ -197,6 +197,22 @@ def test_pods_no_source_selects_are_not_injected(cluster: Cluster) -> None:
     assert len(sidecars(cluster.run_pod("ns1", "now-selected"))) == 1
 
 
+def one_source_es(
+    name: str, namespace: str, target: str, service: str, source_ip: str
+) -> dict[str, Any]:
+    """An ExternalService with one source (a Service of ns1) and port 5432."""
+    return {
+        "apiVersion": "submariner.io/v1alpha1",
+        "kind": "ExternalService",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "targetIP": target,
+            "sources": [{"service": {"namespace": "ns1", "name": service}, "sourceIP": source_ip}],
+            "ports": [{"protocol": "TCP", "port": 5432}],
+        },
+    }
+
+
 def test_a_refused_externalservice_never_injects_another_tenants_pods(
     cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -207,33 +223,11 @@ def test_a_refused_externalservice_never_injects_another_tenants_pods(
     stop_webhook(cluster)
     start_webhook(cluster, tmp_path / "tls", own_namespace_sources=True)
     cluster.kubectl("create", "ns", "ns3")
-    attack = {
-        "apiVersion": "submariner.io/v1alpha1",
-        "kind": "ExternalService",
-        "metadata": {"name": "attack", "namespace": "ns3"},
-        "spec": {
-            "targetIP": "127.0.0.1",
-            "sources": [
-                {"service": {"namespace": "ns1", "name": "my-service1"}, "sourceIP": "203.0.113.9"}
-            ],
-            "ports": [{"protocol": "TCP", "port": 5432}],
-        },
-    }
-    cluster.apply(attack)
+    cluster.apply(one_source_es("attack", "ns3", "127.0.0.1", "my-service1", "203.0.113.9"))
     # Refused by the operator for NodeAddress (recorded for this generation).
-    node_address = {
-        "apiVersion": "submariner.io/v1alpha1",
-        "kind": "ExternalService",
-        "metadata": {"name": "node-address", "namespace": "ns1"},
-        "spec": {
-            "targetIP": "203.0.113.10",
-            "sources": [
-                {"service": {"namespace": "ns1", "name": "my-service1"}, "sourceIP": "203.0.113.1"}
-            ],
-            "ports": [{"protocol": "TCP", "port": 5432}],
-        },
-    }
-    cluster.apply(node_address)
+    cluster.apply(
+        one_source_es("node-address", "ns1", "203.0.113.10", "my-service1", "203.0.113.1")
+    )
     stored = cluster.api.get_object(
         "submariner.io", "v1alpha1", "externalservices", "ns1", "node-address"
     )
@@ -266,19 +260,7 @@ def test_a_refused_externalservice_never_injects_another_tenants_pods(
             "spec": {"selector": {"app": "fine"}, "ports": [{"port": 80}]},
         }
     )
-    valid = {
-        "apiVersion": "submariner.io/v1alpha1",
-        "kind": "ExternalService",
-        "metadata": {"name": "valid", "namespace": "ns1"},
-        "spec": {
-            "targetIP": "203.0.113.10",
-            "sources": [
-                {"service": {"namespace": "ns1", "name": "fine"}, "sourceIP": "203.0.113.7"}
-            ],
-            "ports": [{"protocol": "TCP", "port": 5432}],
-        },
-    }
-    cluster.apply(valid)
+    cluster.apply(one_source_es("valid", "ns1", "203.0.113.10", "fine", "203.0.113.7"))
     wait_for(lambda: cluster.sees("ns1", {"app": "fine"}), what="the valid ExternalService")
     assert not cluster.sees("ns1", {"app": "my-app"})
     victim = cluster.run_pod("ns1", "victim")
