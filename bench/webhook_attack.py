@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+Attack = Callable[[int, ssl.SSLContext], Coroutine[Any, Any, tuple[str, str]]]
+
 SCRIPT = Path(__file__).resolve()
 SERVICE, NAMESPACE = "k8s-ext-connector-webhook", "external-services"
 HOSTNAME = f"{SERVICE}.{NAMESPACE}.svc"
@@ -299,7 +301,7 @@ async def hold_connections(
 
 def run_attack(
     name: str,
-    attack: Callable[[int, ssl.SSLContext], Coroutine[Any, Any, tuple[str, str]]],
+    attack: Attack,
     ca_pem: bytes,
     tls_dir: Path,
     log_path: Path,
@@ -345,7 +347,7 @@ def run_attack(
 
 def attacks(
     args: argparse.Namespace,
-) -> dict[str, Callable[[int, ssl.SSLContext], Coroutine[Any, Any, tuple[str, str]]]]:
+) -> dict[str, Attack]:
     async def slow_body(port: int, context: ssl.SSLContext) -> tuple[str, str]:
         head = (
             b"POST /mutate HTTP/1.1\r\nHost: webhook\r\nContent-Type: application/json\r\n"
@@ -367,9 +369,7 @@ def attacks(
             writer.transport.abort()
         return f"{open_now} of {args.header_connections} after {args.hold_headers:g} s", outcome
 
-    def bodies(
-        body: bytes, parallel: int
-    ) -> Callable[[int, ssl.SSLContext], Coroutine[Any, Any, tuple[str, str]]]:
+    def bodies(body: bytes, parallel: int) -> Attack:
         async def attack(port: int, context: ssl.SSLContext) -> tuple[str, str]:
             def one() -> tuple[int, bytes, float]:
                 started = time.perf_counter()
@@ -401,14 +401,16 @@ def attacks(
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| attack | RSS before / peak / after (MiB) | ordinary admission: worst during / after (ms) "
+        "| attack | RSS before / peak / after (MiB) "
+        "| ordinary admission: worst during / after (ms) "
         "| attacking connections open | what the attacker got | log bytes |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.attack} | {r.rss_before:.0f} / {r.rss_peak:.0f} / {r.rss_after:.0f} "
-            f"| {r.worst_ms:.0f} / {r.after_ms:.0f} | {r.still_open} | {r.outcome} | {r.log_bytes} |"
+            f"| {r.worst_ms:.0f} / {r.after_ms:.0f} | {r.still_open} | {r.outcome} "
+            f"| {r.log_bytes} |"
         )
     return "\n".join(lines)
 
@@ -464,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     text = table(rows)
     print(text)
     if args.output is not None:
-        head = f"\n## {args.label or 'run'} ({datetime.date.today().isoformat()}, {os.cpu_count()} CPUs)\n\n"
+        today = datetime.date.today().isoformat()
+        head = f"\n## {args.label or 'run'} ({today}, {os.cpu_count()} CPUs)\n\n"
         with args.output.open("a") as out:
             out.write(f"{head}`{command}`\n\n{text}\n")
     return 0
