@@ -51,6 +51,9 @@ KEY_DIR = "/etc/ext-connector/key"
 OUR_VOLUMES = (CONFIG_VOLUME, KEY_VOLUME, RUN_VOLUME)
 # Reasons that start with this are warned about whenever the pod was to get the sidecar.
 MALFORMED = "malformed pod"
+# More containers, init containers or volumes than any real pod has: skipped unexamined,
+# so that nothing the webhook does per pod grows with an attacker's list.
+MAX_ITEMS = 1000
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,7 @@ def skip_reason(pod: Mapping[str, Any], context: InjectionContext) -> str | None
         return f"annotation {INJECT_ANNOTATION}=false"
     if spec.get("hostNetwork"):
         return "hostNetwork pod: it shares the node's network namespace"
-    if injected_sidecar(pod) is not None:
+    if _within_limits(spec) and injected_sidecar(pod) is not None:
         return "already injected"
     named = annotations.get(SOURCE_ANNOTATION)
     if not context.sources and wanted != "true":
@@ -130,6 +133,8 @@ def malformed(pod: Mapping[str, Any]) -> str | None:
             continue
         if not isinstance(items, list):
             return f"spec.{key}: {_short(items)}: must be a list"
+        if len(items) > MAX_ITEMS:
+            return f"spec.{key}: {len(items)} items: more than {MAX_ITEMS}"
         for i, item in enumerate(items):
             if not isinstance(item, Mapping):
                 return f"spec.{key}[{i}]: {_short(item)}: must be an object"
@@ -137,6 +142,14 @@ def malformed(pod: Mapping[str, Any]) -> str | None:
             if item.get("name") in ours:
                 return f"spec.{key}[{i}].name: {item.get('name')}: taken (the sidecar's name)"
     return None
+
+
+def _within_limits(spec: Mapping[str, Any]) -> bool:
+    return all(
+        len(spec.get(key) or ()) <= MAX_ITEMS
+        for key in ("initContainers", "containers", "volumes")
+        if isinstance(spec.get(key) or (), list)
+    )
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:

@@ -40,7 +40,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ctypes
 import datetime
+import gc
 import hashlib
 import json
 import logging
@@ -95,7 +97,9 @@ class Limits:
     # (from the connection or the previous answer); idle keep-alive connections close then.
     handshake_timeout: float = 5.0
     header_timeout: float = 10.0
-    # Connections held at once; beyond it new ones are closed after the handshake.
+    # Connections held at once; beyond it the oldest connection with no request in
+    # progress is closed to make room (an idle or unfinished one: the API server's next
+    # call gets in even while the cap is full of stalled connections).
     max_connections: int = 256
     max_header_bytes: int = 8190
 
@@ -231,10 +235,19 @@ async def read_capped(request: web.Request, limit: int) -> bytes:
 
 
 class _Refused(asyncio.Protocol):
-    """Stands in for a connection over ``Limits.max_connections``: closed at once."""
+    """Stands in for a connection over ``Limits.max_connections`` when every connection
+    has a request in progress: closed at once."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.close()
+
+
+def _release_memory() -> None:
+    """Give freed heap back to the system (glibc keeps it after large, fragmented
+    allocations, e.g. many bodies buffered at once); a no-op elsewhere."""
+    gc.collect()  # cycles left by refused requests (exceptions, tracebacks) hold memory
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class ServingCertificate:
@@ -364,10 +377,22 @@ class WebhookServer:
         self._slots = asyncio.Semaphore(limits.max_concurrent)
         # json.loads holds the GIL, but the checks around it do not block the loop.
         self._parsers = ThreadPoolExecutor(limits.max_concurrent, "admission-parse")
+        self._busy: set[object] = set()  # connections with a request in progress
+        self._trim: asyncio.TimerHandle | None = None
+        self._trimmer: asyncio.Task[None] | None = None
         self._stopping = False
 
     def application(self) -> web.Application:
-        app = web.Application(client_max_size=self.limits.max_body)
+        @web.middleware
+        async def busy(request: web.Request, handler: Any) -> web.StreamResponse:
+            self._busy.add(request.protocol)
+            try:
+                response: web.StreamResponse = await handler(request)
+                return response
+            finally:
+                self._busy.discard(request.protocol)
+
+        app = web.Application(client_max_size=self.limits.max_body, middlewares=[busy])
         app.router.add_post("/mutate", self._mutate)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
@@ -395,9 +420,13 @@ class WebhookServer:
         assert handler is not None
 
         def protocol() -> asyncio.BaseProtocol:
-            if len(handler.connections) >= limits.max_connections:
+            connections = handler.connections  # oldest first
+            if len(connections) >= limits.max_connections:
                 self.metrics.rejected.inc("too_many_connections")
-                return _Refused()
+                idle = next((c for c in connections if c not in self._busy), None)
+                if idle is None:
+                    return _Refused()
+                idle.force_close()
             return handler()
 
         self._listener = await asyncio.get_running_loop().create_server(
@@ -409,6 +438,7 @@ class WebhookServer:
             backlog=128,
             reuse_address=True,
         )
+        self._trimmer = asyncio.create_task(self._trim_now_and_then(), name="malloc-trim")
         self.port = int(self._listener.sockets[0].getsockname()[1])
         log.info("webhook listening on https://%s:%d", host, self.port)
         return self.port
@@ -417,7 +447,20 @@ class WebhookServer:
         """Report not ready (while the endpoints drop this pod) but keep answering."""
         self._stopping = True
 
+    async def _trim_now_and_then(self, interval: float = 10.0) -> None:
+        """Closed connections free their buffers to the heap, not to the system: trim it
+        now and then (a few ms) so that memory returns to its level after an attack."""
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+
     async def stop(self) -> None:
+        if self._trimmer is not None:
+            self._trimmer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._trimmer
+            self._trimmer = None
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -425,6 +468,8 @@ class WebhookServer:
             await self._runner.cleanup()
             self._runner = None
         self._parsers.shutdown(wait=False, cancel_futures=True)
+        if self._trim is not None:
+            self._trim.cancel()
 
     def ready(self) -> tuple[bool, str]:
         problems = [
@@ -480,11 +525,19 @@ class WebhookServer:
             self.metrics.errors.inc(reason)
             result, patch = "error", None
             warnings = [f"{WARNING_PREFIX}: webhook {reason.replace('_', ' ')} ({error})"[:200]]
+        if len(body) > 256 * 1024:
+            self._release_memory_soon()
         log.debug("%s: %s%s", _who(review), result, " (dry run)" if review.dry_run else "")
         answer = web.json_response(review_response(review.uid, patch, warnings))
         self.metrics.requests.inc(result)
         self.metrics.latency.observe(time.perf_counter() - started)
         return answer
+
+    def _release_memory_soon(self) -> None:
+        """After refusals (an attack, typically), trim the heap once things calm down."""
+        if self._trim is not None:
+            self._trim.cancel()
+        self._trim = asyncio.get_running_loop().call_later(2.0, _release_memory)
 
     def _reject(
         self, request: web.Request, status: int, reason: str, why: str, uid: str | None = None
@@ -502,6 +555,7 @@ class WebhookServer:
             reason,
             why[:300],
         )
+        self._release_memory_soon()
         headers = {"Retry-After": "1"} if status == 429 else {}
         response = web.Response(
             status=status, text=f"bad AdmissionReview{who}: {why[:300]}\n", headers=headers
