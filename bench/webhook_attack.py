@@ -23,8 +23,9 @@ Attacks (defaults scaled to a 2-core shared machine; the issue's figures in brac
 - ``deep-1000`` / ``deep-500``: a body nested 1,000 deep; a 1.3 kB one nested 500 deep.
 
 Columns: RSS (VmRSS of the server process) before, peak (sampled every 50 ms) and
-``--settle`` s (12; the "before" run used 5) after the attacking connections closed; the ordinary admission's worst latency during the
-attack and its latency after; attacking connections the server still had ESTABLISHED at
+``--settle`` s (12; the "before" run used 5) after the attacking connections closed;
+the ordinary admission's worst latency during the attack and its latency after; attacking
+connections the server still had ESTABLISHED at
 the end of the hold (``/proc/net/tcp``); what the attacker got back; bytes of log written.
 
 Usage: ``.venv/bin/python bench/webhook_attack.py [--output bench/results/webhook-attack.md]

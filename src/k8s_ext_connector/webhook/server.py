@@ -420,13 +420,17 @@ class WebhookServer:
         assert handler is not None
 
         def protocol() -> asyncio.BaseProtocol:
+            # Checked at accept: connections still in their TLS handshake are not counted
+            # (the handshake deadline bounds them), so the cap is met again at the next one.
             connections = handler.connections  # oldest first
-            if len(connections) >= limits.max_connections:
-                self.metrics.rejected.inc("too_many_connections")
-                idle = next((c for c in connections if c not in self._busy), None)
-                if idle is None:
+            excess = len(connections) - limits.max_connections + 1
+            if excess > 0:
+                idle = [c for c in connections if c not in self._busy][:excess]
+                self.metrics.rejected.inc("too_many_connections", amount=excess)
+                for connection in idle:
+                    connection.force_close()
+                if len(idle) < excess:
                     return _Refused()
-                idle.force_close()
             return handler()
 
         self._listener = await asyncio.get_running_loop().create_server(
@@ -452,8 +456,7 @@ class WebhookServer:
         now and then (a few ms) so that memory returns to its level after an attack."""
         while True:
             await asyncio.sleep(interval)
-            with contextlib.suppress(OSError, AttributeError):
-                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            _release_memory()
 
     async def stop(self) -> None:
         if self._trimmer is not None:
@@ -591,7 +594,13 @@ class WebhookServer:
             ),
         ]
         text = metrics.render(
-            [self.metrics.requests, self.metrics.errors, self.metrics.latency, *gauges]
+            [
+                self.metrics.requests,
+                self.metrics.errors,
+                self.metrics.rejected,
+                self.metrics.latency,
+                *gauges,
+            ]
         )
         return web.Response(body=text.encode(), headers={"Content-Type": metrics.CONTENT_TYPE})
 
