@@ -13,7 +13,8 @@ from typing import Any
 from k8s_ext_connector.core.api import ExternalService, ExternalServiceSpec, ServiceRef
 from k8s_ext_connector.core.errors import ConfigError
 from k8s_ext_connector.core.fields import canonical_ip
-from k8s_ext_connector.core.sidecar_identity import SIDECAR_CONTAINER, injected_sidecar
+from k8s_ext_connector.core.sidecar_identity import SIDECAR_CONTAINER as SIDECAR_CONTAINER
+from k8s_ext_connector.core.sidecar_identity import injected_sidecar
 
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "k8s-ext-connector"
