@@ -61,9 +61,8 @@ def inject_object(obj: Any, sources: Sequence[str], settings: InjectionSettings)
     return obj
 
 
-def inject_text(
-    text: str, sources: Sequence[str], settings: InjectionSettings, origin: str = "-"
-) -> str:
+def inject_text(text: str, sources: Sequence[str], settings: InjectionSettings,
+                origin: str = "-") -> str:
     try:
         documents = list(yaml.safe_load_all(text))
     except yaml.YAMLError as error:
@@ -73,21 +72,13 @@ def inject_text(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "-f", "--filename", required=True, help="manifest file, or - for standard input"
-    )
-    parser.add_argument(
-        "--source-service",
-        action="append",
-        default=[],
-        help="a source service (in each object's namespace) selecting the pods",
-    )
+    parser.add_argument("-f", "--filename", required=True,
+                        help="manifest file, or - for standard input")
+    parser.add_argument("--source-service", action="append", default=[],
+                        help="a source service (in each object's namespace) selecting the pods")
     parser.add_argument("--image", default=InjectionSettings.image, help="sidecar image")
-    parser.add_argument(
-        "--no-native-sidecar",
-        action="store_true",
-        help="clusters before Kubernetes 1.29: a regular first container",
-    )
+    parser.add_argument("--no-native-sidecar", action="store_true",
+                        help="clusters before Kubernetes 1.29: a regular first container")
 
 
 def run(args: argparse.Namespace) -> int:
