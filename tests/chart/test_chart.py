@@ -493,7 +493,11 @@ def _guard_verdict(request: dict[str, Any]) -> bool | None:
 
 
 def _request(
-    operation: str, new: dict[str, str] | None, old: dict[str, str] | None, user: str = ""
+    operation: str,
+    new: dict[str, str] | None,
+    old: dict[str, str] | None,
+    user: str = "",
+    resource: str = "configmaps",
 ) -> dict[str, Any]:
     def obj(labels: dict[str, str] | None) -> dict[str, Any] | None:
         if labels is None:
@@ -503,6 +507,7 @@ def _request(
     return {
         "operation": operation,
         "userInfo": {"username": user or OPERATOR_USER},
+        "resource": {"group": "", "version": "v1", "resource": resource},
         "object": obj(new),
         "oldObject": obj(old),
     }
@@ -539,13 +544,18 @@ def test_every_object_the_operator_writes_passes_the_write_guard() -> None:
     body = {**spec, "metadata": {"name": "my-externalservice", "namespace": "default"}}
     snapshot = Snapshot([externalservice_record(body)], {}, [], [])
     desired = compute(snapshot, KeyBook(), OperatorSettings())
-    written = [*desired.services.values(), *desired.configmaps.values()]
-    assert written
-    for obj in written:
-        labels = obj["metadata"]["labels"]
-        assert _guard_verdict(_request("CREATE", labels, None)) is True, obj["metadata"]
-        assert _guard_verdict(_request("UPDATE", labels, labels)) is True
-    assert _guard_verdict(_request("CREATE", managed_labels(), None)) is True  # Secrets
+    written = [(obj, "services") for obj in desired.services.values()]
+    written += [(obj, "configmaps") for obj in desired.configmaps.values()]
+    assert {resource for _, resource in written} == {"services", "configmaps"}
+    for obj, resource in written:
+        for operation, old in (("CREATE", None), ("UPDATE", obj)):
+            request = {"operation": operation, "userInfo": {"username": OPERATOR_USER},
+                       "resource": {"resource": resource}, "object": obj, "oldObject": old}
+            assert _guard_verdict(request) is True, obj["metadata"]
+    secret = {"metadata": {"labels": managed_labels()}, "type": "kubernetes.io/ssh-auth"}
+    assert _guard_verdict({"operation": "CREATE", "userInfo": {"username": OPERATOR_USER},
+                           "resource": {"resource": "secrets"}, "object": secret,
+                           "oldObject": None}) is True
 
 
 def test_write_guard_needs_kubernetes_1_30() -> None:
@@ -553,3 +563,71 @@ def test_write_guard_needs_kubernetes_1_30() -> None:
     assert "ValidatingAdmissionPolicy" not in {
         d["kind"] for d in render({"operator.writeGuard.enabled": "false"})
     }
+
+
+def _webhook_policy(values: dict[str, str] | None = None) -> dict[str, Any]:
+    (policy,) = [d for d in render(values or {}) if d["kind"] == "NetworkPolicy"]
+    return policy
+
+
+def test_the_webhook_network_policy_admits_only_the_api_servers_sources() -> None:
+    """Before: with the defaults every pod of the cluster reached port 8443."""
+    (rule,) = _webhook_policy()["spec"]["ingress"]
+    assert rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}}
+    ]
+    (rule,) = _webhook_policy(
+        {"webhook.networkPolicy.apiServerCIDRs": '["203.0.113.0/28"]',
+         "webhook.networkPolicy.from": "[]"}
+    )["spec"]["ingress"]
+    assert rule["from"] == [{"ipBlock": {"cidr": "203.0.113.0/28"}}]
+    nobody = _webhook_policy({"webhook.networkPolicy.from": "[]"})["spec"]
+    assert nobody["ingress"] == []
+    assert nobody["policyTypes"] == ["Ingress"]
+    (anyone,) = _webhook_policy({"webhook.networkPolicy.allowFromAnywhere": "true"})["spec"][
+        "ingress"]
+    assert "from" not in anyone
+
+
+def test_the_webhook_has_cpu_and_memory_limits() -> None:
+    (spec,) = [s for c, s in pod_specs(render()) if c == "webhook"]
+    limits = spec["containers"][0]["resources"]["limits"]
+    assert set(limits) == {"cpu", "memory"}
+
+
+def _service(spec: dict[str, Any]) -> dict[str, Any]:
+    return {"operation": "CREATE", "userInfo": {"username": OPERATOR_USER},
+            "resource": {"resource": "services"},
+            "object": {"metadata": {"name": "x", "labels": OURS}, "spec": spec},
+            "oldObject": None}
+
+
+def _secret(kind: str | None) -> dict[str, Any]:
+    obj: dict[str, Any] = {"metadata": {"name": "x", "labels": OURS}}
+    if kind is not None:
+        obj["type"] = kind
+    return {"operation": "CREATE", "userInfo": {"username": OPERATOR_USER},
+            "resource": {"resource": "secrets"}, "object": obj, "oldObject": None}
+
+
+@pytest.mark.parametrize(
+    ("request_", "admitted"),
+    [
+        (_service({"type": "ClusterIP", "ports": [{"port": 80}]}), True),
+        (_service({"ports": [{"port": 80}]}), True),
+        (_service({"type": "LoadBalancer"}), False),
+        (_service({"type": "NodePort"}), False),
+        (_service({"type": "ClusterIP", "externalIPs": ["198.51.100.7"]}), False),
+        (_secret("kubernetes.io/ssh-auth"), True),
+        (_secret("kubernetes.io/service-account-token"), False),
+        (_secret(None), False),
+    ],
+    ids=["clusterip", "default-type", "loadbalancer", "nodeport", "external-ips",
+         "ssh-auth", "sa-token", "opaque-default"],
+)  # fmt: skip
+def test_write_guard_restricts_the_content_of_labelled_objects(
+    request_: dict[str, Any], admitted: bool
+) -> None:
+    """Before: a labelled Service of any type with externalIPs, or a service-account-token
+    Secret, passed the guard."""
+    assert _guard_verdict(request_) == admitted

@@ -22,10 +22,11 @@ from typing import Any
 import pytest
 import yaml
 
-from k8s_ext_connector.core.api import GATEWAY_NODE_LABEL
+from k8s_ext_connector.core.api import GATEWAY_NODE_LABEL, ServiceRef
 from k8s_ext_connector.emulator import ApiServer
 from k8s_ext_connector.emulator.clients import run_kubectl
 from k8s_ext_connector.operator import rbac
+from k8s_ext_connector.webhook.inject import InjectionContext, inject
 from tests.unit.samples import SEED_MANIFEST
 
 ROOT = Path(__file__).parents[2]
@@ -85,20 +86,13 @@ class Cluster:
         self, namespace: str, name: str, app: str, sidecar: bool = True, ready: bool = True
     ) -> None:
         """A pod as the webhook would have injected it and the kubelet would report it."""
-        init = (
-            [{"name": "ext-connector", "image": "k8s-ext-connector", "restartPolicy": "Always"}]
-            if sidecar
-            else []
-        )
-        self.http(
-            "POST",
-            f"/api/v1/namespaces/{namespace}/pods",
-            {
-                "metadata": {"name": name, "labels": {"app": app}},
-                "spec": {"initContainers": init, "containers": [{"name": "app", "image": "app"}]},
-            },
-            "application/json",
-        )
+        body: dict[str, Any] = {
+            "metadata": {"name": name, "namespace": namespace, "labels": {"app": app}},
+            "spec": {"containers": [{"name": "app", "image": "app"}]},
+        }
+        if sidecar:
+            body = inject(body, InjectionContext((ServiceRef(namespace, app),)))
+        self.http("POST", f"/api/v1/namespaces/{namespace}/pods", body, "application/json")
         statuses = [{"name": "ext-connector", "ready": ready}] if sidecar else []
         self.http(
             "PATCH",

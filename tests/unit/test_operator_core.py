@@ -33,6 +33,7 @@ from k8s_ext_connector.operator.snapshot import (
     pod_record,
     service_record,
 )
+from k8s_ext_connector.webhook.inject import InjectionContext, inject
 from tests.unit.samples import KEY_A, KEY_B, KEY_C, seed_spec
 
 LABEL = GATEWAY_NODE_LABEL
@@ -90,11 +91,28 @@ def test_records_from_bodies() -> None:
     ready = node_record({"metadata": {"name": "gw1"},
                          "status": {"conditions": [{"type": "Ready", "status": "True"}]}})
     assert ready.ready
-    pod = pod_record({"metadata": {"name": "p", "namespace": "n"},
-                      "spec": {"initContainers": [{"name": "ext-connector"}]},
+    pod = pod_record({**injected_pod("n", "p", "a"),
                       "status": {"phase": "Running", "initContainerStatuses": [
                           {"name": "ext-connector", "ready": True}]}})
     assert (pod.has_sidecar, pod.sidecar_ready, pod.running) == (True, True, True)
+
+
+def injected_pod(ns: str, name: str, app: str) -> dict[str, Any]:
+    """A pod as the webhook injects it (source Service ``app``)."""
+    plain = {"metadata": {"name": name, "namespace": ns, "labels": {"app": app}},
+             "spec": {"containers": [{"name": "app", "image": "app"}]}}
+    return inject(plain, InjectionContext((ServiceRef(ns, app),)))
+
+
+def test_a_container_named_like_the_sidecar_is_not_taken_for_it() -> None:
+    """Only the injected sidecar counts as one (and as a ready one), not any container
+    that happens to be named ext-connector."""
+    impostor = pod_record({"metadata": {"name": "p", "namespace": "n"},
+                           "spec": {"initContainers": [{"name": "ext-connector", "image": "x"}],
+                                    "containers": [{"name": "app", "image": "app"}]},
+                           "status": {"phase": "Running", "initContainerStatuses": [
+                               {"name": "ext-connector", "ready": True}]}})
+    assert (impostor.has_sidecar, impostor.sidecar_ready) == (False, False)
 
 
 # ---- desired state ------------------------------------------------------------------------
@@ -115,9 +133,10 @@ def svc(ns: str, name: str, cluster_ip: str, labels: dict[str, str] | None = Non
 
 
 def pod(ns: str, name: str, app: str, sidecar: bool = True, ready: bool = True) -> Any:
+    plain = {"metadata": {"name": name, "namespace": ns, "labels": {"app": app}},
+             "spec": {"containers": [{"name": "app", "image": "app"}]}}
     return pod_record({
-        "metadata": {"name": name, "namespace": ns, "labels": {"app": app}},
-        "spec": {"initContainers": [{"name": "ext-connector"}] if sidecar else []},
+        **(injected_pod(ns, name, app) if sidecar else plain),
         "status": {"phase": "Running",
                    "initContainerStatuses": [{"name": "ext-connector", "ready": ready}]
                    if sidecar else []},

@@ -14,8 +14,9 @@ from typing import Any
 from k8s_ext_connector.core.api import ExternalService, ExternalServiceSpec, ServiceRef
 from k8s_ext_connector.core.errors import ConfigError
 from k8s_ext_connector.core.fields import canonical_ip
+from k8s_ext_connector.core.sidecar_identity import SIDECAR_CONTAINER as SIDECAR_CONTAINER
+from k8s_ext_connector.core.sidecar_identity import injected_sidecar
 
-SIDECAR_CONTAINER = "ext-connector"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "k8s-ext-connector"
 PUBLIC_KEY_ANNOTATION = "ext-connector.submariner.io/public-key"
@@ -201,14 +202,13 @@ def node_record(body: Mapping[str, Any]) -> NodeRecord:
 
 def pod_record(body: Mapping[str, Any]) -> PodRecord:
     meta = _meta(body)
-    spec = body.get("spec") or {}
     status = body.get("status") or {}
-    containers = list(spec.get("initContainers") or []) + list(spec.get("containers") or [])
-    has_sidecar = any(c.get("name") == SIDECAR_CONTAINER for c in containers)
+    # Ours by shape and annotation, not by name alone (core/sidecar_identity.py).
+    has_sidecar = injected_sidecar(body) is not None
     statuses = list(status.get("initContainerStatuses") or []) + list(
         status.get("containerStatuses") or []
     )
-    sidecar_ready = any(
+    sidecar_ready = has_sidecar and any(
         s.get("name") == SIDECAR_CONTAINER and s.get("ready") is True for s in statuses
     )
     return PodRecord(

@@ -1,4 +1,5 @@
-"""Pure sidecar injection: ``inject(pod, context) -> pod``; the patch is the diff of the two.
+"""Pure sidecar injection: ``inject(pod, context) -> pod``, and ``admission_patch`` from one to
+the other.
 
 What a pod gets, and why:
 
@@ -15,7 +16,10 @@ What a pod gets, and why:
 - requests and limits, and the downward API for its own name and namespace;
 - the annotation ``ext-connector.submariner.io/injected`` naming what was injected.
 
-Re-injecting an injected pod changes nothing; hostNetwork pods and pods annotated
+Re-injecting an injected pod changes nothing (ours is recognised by shape and annotation,
+``core/sidecar_identity.py``, not by name alone); a malformed pod (no spec, no containers,
+a name of ours taken, a source-service annotation that is not a Service name) is skipped
+with a warning (``malformed``); hostNetwork pods and pods annotated
 ``ext-connector.submariner.io/inject: "false"`` are skipped; ``"true"`` injects a pod that
 no source service selects yet, given ``ext-connector.submariner.io/source-service`` names
 the service whose config it will use (the sidecar waits until the operator writes it).
@@ -28,20 +32,28 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import jsonpatch
-
 from k8s_ext_connector.core.api import ServiceRef
+from k8s_ext_connector.core.fields import DNS_1035_LABEL, DNS_LABEL
+from k8s_ext_connector.core.sidecar_identity import (
+    CONFIG_DIR,
+    CONFIG_VOLUME,
+    INJECTED_ANNOTATION,
+    SIDECAR_CONTAINER,
+    injected_sidecar,
+)
 from k8s_ext_connector.operator.desired import client_secret_name, sidecar_configmap_name
-from k8s_ext_connector.operator.snapshot import SIDECAR_CONTAINER
 
 INJECT_ANNOTATION = "ext-connector.submariner.io/inject"
 SOURCE_ANNOTATION = "ext-connector.submariner.io/source-service"
-INJECTED_ANNOTATION = "ext-connector.submariner.io/injected"
-CONFIG_VOLUME = "ext-connector-config"
 KEY_VOLUME = "ext-connector-key"
 RUN_VOLUME = "ext-connector-run"
-CONFIG_DIR = "/etc/ext-connector/config"
 KEY_DIR = "/etc/ext-connector/key"
+OUR_VOLUMES = (CONFIG_VOLUME, KEY_VOLUME, RUN_VOLUME)
+# Reasons that start with this are warned about whenever the pod was to get the sidecar.
+MALFORMED = "malformed pod"
+# More containers, init containers or volumes than any real pod has: skipped unexamined,
+# so that nothing the webhook does per pod grows with an attacker's list.
+MAX_ITEMS = 1000
 
 
 @dataclass(frozen=True)
@@ -66,18 +78,22 @@ class InjectionContext:
 
 def skip_reason(pod: Mapping[str, Any], context: InjectionContext) -> str | None:
     """Why ``pod`` is left alone, or None if it gets the sidecar."""
-    meta = pod.get("metadata") or {}
-    spec = pod.get("spec") or {}
-    wanted = (meta.get("annotations") or {}).get(INJECT_ANNOTATION)
+    meta = _mapping(pod.get("metadata"))
+    spec = _mapping(pod.get("spec"))
+    annotations = _mapping(meta.get("annotations"))
+    wanted = annotations.get(INJECT_ANNOTATION)
     if wanted == "false":
         return f"annotation {INJECT_ANNOTATION}=false"
     if spec.get("hostNetwork"):
         return "hostNetwork pod: it shares the node's network namespace"
-    if _has_sidecar(spec):
+    if _within_limits(spec) and injected_sidecar(pod) is not None:
         return "already injected"
-    named = (meta.get("annotations") or {}).get(SOURCE_ANNOTATION)
+    named = annotations.get(SOURCE_ANNOTATION)
     if not context.sources and wanted != "true":
         return "no source service selects it"
+    problem = malformed(pod)
+    if problem is not None:
+        return f"{MALFORMED}: {problem}"
     if not context.sources and not named:
         return (
             f"{INJECT_ANNOTATION}=true but no source service selects it: name one with "
@@ -86,9 +102,63 @@ def skip_reason(pod: Mapping[str, Any], context: InjectionContext) -> str | None
     return None
 
 
-def _has_sidecar(spec: Mapping[str, Any]) -> bool:
-    containers = list(spec.get("initContainers") or []) + list(spec.get("containers") or [])
-    return any(c.get("name") == SIDECAR_CONTAINER for c in containers)
+def malformed(pod: Mapping[str, Any]) -> str | None:
+    """What makes ``pod`` unsafe to patch (the field and its value), or None.
+
+    The API server validates the pod only after the mutating webhooks, so the webhook may
+    see anything: a patch onto a missing or null list fails or builds an invalid pod, a
+    name of ours already taken gives duplicate names, and an annotation value becomes part
+    of a Secret's name.
+    """
+    meta, spec = pod.get("metadata"), pod.get("spec")
+    if meta is not None and not isinstance(meta, Mapping):
+        return f"metadata: {_short(meta)}: must be an object"
+    annotations = (meta or {}).get("annotations")
+    if annotations is not None and not isinstance(annotations, Mapping):
+        return f"metadata.annotations: {_short(annotations)}: must be an object"
+    namespace = (meta or {}).get("namespace", "")
+    if not isinstance(namespace, str) or not DNS_LABEL.fullmatch(namespace):
+        return f"metadata.namespace: {_short(namespace)}: must be a DNS label"
+    named = (annotations or {}).get(SOURCE_ANNOTATION)
+    if named is not None and (not isinstance(named, str) or not DNS_1035_LABEL.fullmatch(named)):
+        return f"annotation {SOURCE_ANNOTATION}: {_short(named)}: must be a Service name"
+    if not isinstance(spec, Mapping):
+        return f"spec: {_short(spec)}: a pod needs one"
+    containers = spec.get("containers")
+    if not isinstance(containers, list) or not containers:
+        return f"spec.containers: {_short(containers)}: must be a non-empty list"
+    for key in ("initContainers", "containers", "volumes"):
+        items = spec.get(key)
+        if items is None:
+            continue
+        if not isinstance(items, list):
+            return f"spec.{key}: {_short(items)}: must be a list"
+        if len(items) > MAX_ITEMS:
+            return f"spec.{key}: {len(items)} items: more than {MAX_ITEMS}"
+        for i, item in enumerate(items):
+            if not isinstance(item, Mapping):
+                return f"spec.{key}[{i}]: {_short(item)}: must be an object"
+            ours = OUR_VOLUMES if key == "volumes" else (SIDECAR_CONTAINER,)
+            if item.get("name") in ours:
+                return f"spec.{key}[{i}].name: {item.get('name')}: taken (the sidecar's name)"
+    return None
+
+
+def _within_limits(spec: Mapping[str, Any]) -> bool:
+    return all(
+        len(spec.get(key) or ()) <= MAX_ITEMS
+        for key in ("initContainers", "containers", "volumes")
+        if isinstance(spec.get(key) or (), list)
+    )
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def chosen_source(pod: Mapping[str, Any], context: InjectionContext) -> str:
@@ -106,16 +176,27 @@ def inject(pod: Mapping[str, Any], context: InjectionContext) -> dict[str, Any]:
     result: dict[str, Any] = copy.deepcopy(dict(pod))
     if skip_reason(pod, context) is not None:
         return result
+    key, sidecar, volumes, source = _additions(pod, context)
+    spec = result.setdefault("spec", {})
+    spec[key] = [sidecar, *(spec.get(key) or [])]
+    spec["volumes"] = [*(spec.get("volumes") or []), *volumes]
+    annotations = result.setdefault("metadata", {}).setdefault("annotations", {})
+    annotations[INJECTED_ANNOTATION] = source
+    return result
+
+
+def _additions(
+    pod: Mapping[str, Any], context: InjectionContext
+) -> tuple[str, dict[str, Any], list[dict[str, Any]], str]:
+    """(list the sidecar goes first in, the sidecar, its volumes, the source's name)."""
     settings = context.settings
     namespace = (pod.get("metadata") or {}).get("namespace", "")
     source = chosen_source(pod, context)
-    service = ServiceRef(namespace, source)
-    spec = result.setdefault("spec", {})
     sidecar = _sidecar_container(settings)
     if settings.native_sidecar:
         sidecar["restartPolicy"] = "Always"
         sidecar["startupProbe"] = _probe(settings, period=1, failures=300)
-        spec["initContainers"] = [sidecar, *(spec.get("initContainers") or [])]
+        key = "initContainers"
     else:
         sidecar["lifecycle"] = {
             "postStart": {
@@ -131,11 +212,8 @@ def inject(pod: Mapping[str, Any], context: InjectionContext) -> dict[str, Any]:
                 }
             }
         }
-        spec["containers"] = [sidecar, *(spec.get("containers") or [])]
-    spec["volumes"] = [*(spec.get("volumes") or []), *_volumes(service)]
-    annotations = result.setdefault("metadata", {}).setdefault("annotations", {})
-    annotations[INJECTED_ANNOTATION] = source
-    return result
+        key = "containers"
+    return key, sidecar, _volumes(ServiceRef(namespace, source)), source
 
 
 def _sidecar_container(settings: InjectionSettings) -> dict[str, Any]:
@@ -210,8 +288,40 @@ def _volumes(service: ServiceRef) -> list[dict[str, Any]]:
 
 
 def admission_patch(pod: Mapping[str, Any], context: InjectionContext) -> list[dict[str, Any]]:
-    """The RFC 6902 patch from ``pod`` to ``inject(pod)``, computed as their diff."""
-    patch: list[dict[str, Any]] = jsonpatch.make_patch(dict(pod), inject(pod, context)).patch
+    """The RFC 6902 patch from ``pod`` to ``inject(pod)``.
+
+    Written op by op rather than diffed: its cost does not grow with the pod (a diff
+    deep-copies and walks all of it: seconds for a pod of 100,000 containers). The
+    malformed-pod checks guarantee every path it adds to exists or may be created.
+    """
+    if skip_reason(pod, context) is not None:
+        return []
+    key, sidecar, volumes, source = _additions(pod, context)
+    spec, meta = pod["spec"], pod.get("metadata")
+    patch: list[dict[str, Any]] = []
+    if spec.get(key):
+        patch.append({"op": "add", "path": f"/spec/{key}/0", "value": sidecar})
+    else:
+        patch.append({"op": "add", "path": f"/spec/{key}", "value": [sidecar]})
+    if spec.get("volumes"):
+        patch += [{"op": "add", "path": "/spec/volumes/-", "value": v} for v in volumes]
+    else:
+        patch.append({"op": "add", "path": "/spec/volumes", "value": volumes})
+    if meta is None:
+        patch.append(
+            {
+                "op": "add",
+                "path": "/metadata",
+                "value": {"annotations": {INJECTED_ANNOTATION: source}},
+            }
+        )
+    elif isinstance(meta.get("annotations"), Mapping):
+        pointer = INJECTED_ANNOTATION.replace("~", "~0").replace("/", "~1")
+        patch.append({"op": "add", "path": f"/metadata/annotations/{pointer}", "value": source})
+    else:
+        patch.append(
+            {"op": "add", "path": "/metadata/annotations", "value": {INJECTED_ANNOTATION: source}}
+        )
     return patch
 
 
