@@ -450,9 +450,9 @@ def test_short_lived_serving_certificate_rotates_before_expiry(api: ApiServer, r
 def test_short_lived_ca_rotation_overlaps_then_drops_the_old_ca(
     api: ApiServer, run: Run, tmp_path: Path
 ) -> None:
-    # Renewing at 60% left leaves the old serving certificate two seconds to prove it is
+    # Renewing at 60% left leaves the old serving certificate about four seconds to prove it is
     # still trusted during the overlap.
-    lifetime = datetime.timedelta(seconds=3)
+    lifetime = datetime.timedelta(seconds=6)
     settings = SyncSettings(
         NS,
         SECRET,
