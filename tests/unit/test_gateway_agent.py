@@ -152,12 +152,20 @@ def test_a_source_ip_that_is_the_nodes_own_address_is_refused_and_reported(
     keys = {ip: _key() for ip in (A, B)}
     addresses = FakeAddresses({}, node_own={B: "eth1"})
     reports: list[Mapping[str, str]] = []
+    fake = FakeIptables()
 
     async def body() -> None:
         port = ports.free_port(A)
         config = _config(port, *(_source(ip, key) for ip, key in keys.items()))
-        agent = GatewayAgent(config, _key(), addresses, on_failed=reports.append)
+        agent = GatewayAgent(
+            config, _key(), addresses, firewalls={"ipv4": fake}, on_failed=reports.append
+        )
         await agent.start()
+        await asyncio.sleep(0.3)  # a few retries
+        # The node's address never got the filter chain, not even for a moment: it would
+        # reset new connections to the node's own services on that address.
+        assert fake.restores
+        assert not [text for text in fake.restores if B in text]
         assert [s.source_ip for s in agent.config.sources] == [A]
         assert agent.failed == {
             B: f"{B} is already an address of this node (on eth1) and not one the gateway "
@@ -172,6 +180,7 @@ def test_a_source_ip_that_is_the_nodes_own_address_is_refused_and_reported(
         await wait_for_async(lambda: not agent.failed, what="the entry applied on retry")
         assert reports[-1] == {}
         assert addresses.present_now == {A, B}
+        assert f"-d {B}/32" in "\n".join(fake.tables["filter"][INGRESS_CHAIN])
         await agent.stop()
         assert addresses.present_now == set()
 

@@ -98,6 +98,22 @@ def _ip(args: list[str]) -> str:
     return result.stdout
 
 
+def node_own_addresses(manager: AddressManager, desired: Iterable[str]) -> dict[str, str]:
+    """The desired addresses that are already the node's own (see the module's doc), each
+    with the reason it is refused."""
+    wanted = set(desired)
+    if not wanted:
+        return {}
+    foreign = manager.foreign()
+    return {
+        address: (
+            f"{address} is already an address of this node (on {foreign[address]}) and not "
+            "one the gateway added: refusing to take over the node's own address"
+        )
+        for address in sorted(wanted & set(foreign))
+    }
+
+
 def reconcile_addresses(manager: AddressManager, desired: Iterable[str]) -> dict[str, str]:
     """Add missing source IPs; remove ours that are no longer desired (leftovers included).
 
@@ -107,14 +123,7 @@ def reconcile_addresses(manager: AddressManager, desired: Iterable[str]) -> dict
     is logged (the next reconcile tries again).
     """
     wanted = set(desired)
-    failed: dict[str, str] = {}
-    if wanted:
-        foreign = manager.foreign()
-        for address in sorted(wanted & set(foreign)):
-            failed[address] = (
-                f"{address} is already an address of this node (on {foreign[address]}) and "
-                "not one the gateway added: refusing to take over the node's own address"
-            )
+    failed = node_own_addresses(manager, wanted)
     present = manager.present()
     for address in sorted(wanted - present - set(failed)):
         try:

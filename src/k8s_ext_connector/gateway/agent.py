@@ -59,7 +59,11 @@ from k8s_ext_connector.core.fields import canonical_ip
 from k8s_ext_connector.core.logsafe import untrusted
 from k8s_ext_connector.core.ssh import WINDOW, server_options
 from k8s_ext_connector.gateway import rules
-from k8s_ext_connector.gateway.addresses import AddressManager, reconcile_addresses
+from k8s_ext_connector.gateway.addresses import (
+    AddressManager,
+    node_own_addresses,
+    reconcile_addresses,
+)
 from k8s_ext_connector.gateway.ingress import IngressRelay
 
 log = logging.getLogger(__name__)
@@ -425,6 +429,16 @@ class GatewayAgent:
             if reason:
                 failed[source.source_ip] = reason
                 permanent.add(source.source_ip)
+        if self._addresses is not None:
+            # Before the rules: the node's own address must never get our filter chain
+            # (it would reset new connections to the node's services on that address).
+            failed.update(
+                await asyncio.to_thread(
+                    node_own_addresses,
+                    self._addresses,
+                    [s.source_ip for s in config.sources if s.source_ip not in failed],
+                )
+            )
         candidates = replace(
             config, sources=tuple(s for s in config.sources if s.source_ip not in failed)
         )
