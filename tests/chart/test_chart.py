@@ -215,18 +215,30 @@ def test_rendered_rbac_equals_the_code(
 ) -> None:
     spec = rbac.COMPONENTS[component]
     namespace = RELEASE_NAMESPACE if spec.role_namespace == "release" else CONNECTOR_NAMESPACE
-    for kind, expected in (("ClusterRole", spec.cluster_rules), ("Role", spec.namespace_rules)):
-        found = [d for d in by_kind(default_render, kind) if component_of(d) == component]
+    suffix = rbac.CONNECTOR_ROLE_SUFFIX
+    for kind, expected, in_namespace, connector in (
+        ("ClusterRole", spec.cluster_rules, None, False),
+        ("Role", spec.namespace_rules, namespace, False),
+        ("Role", spec.connector_rules, CONNECTOR_NAMESPACE, True),
+    ):
+        found = [
+            d
+            for d in by_kind(default_render, kind)
+            if component_of(d) == component
+            and d["metadata"]["name"].endswith(suffix) == connector
+        ]
         if not expected:
             assert found == []
             continue
         (role,) = found
         assert _rules(role) == _expected(expected)
-        if kind == "Role":
-            assert role["metadata"]["namespace"] == namespace
+        assert role["metadata"].get("namespace") == in_namespace
         (binding,) = [
-            d for d in by_kind(default_render, f"{kind}Binding") if component_of(d) == component
+            d
+            for d in by_kind(default_render, f"{kind}Binding")
+            if component_of(d) == component and d["metadata"]["name"] == role["metadata"]["name"]
         ]
+        assert binding["metadata"].get("namespace") == in_namespace
         assert binding["roleRef"]["name"] == role["metadata"]["name"]
         (subject,) = binding["subjects"]
         account = one(default_render, "ServiceAccount", component)
@@ -241,6 +253,7 @@ def test_no_other_rbac_in_the_chart(default_render: list[dict[str, Any]]) -> Non
     assert sorted(component_of(r) for r in roles) == sorted(
         [c for c, s in rbac.COMPONENTS.items() if s.cluster_rules]
         + [c for c, s in rbac.COMPONENTS.items() if s.namespace_rules]
+        + [c for c, s in rbac.COMPONENTS.items() if s.connector_rules]
     )
 
 

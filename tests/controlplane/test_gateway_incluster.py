@@ -47,6 +47,8 @@ def _gateway(config_dir: Path, kubeconfig: Path) -> subprocess.Popen[str]:
             NAMESPACE,
             "--kubeconfig",
             str(kubeconfig),
+            "--node-name",
+            "gw1",
             "--iptables-backend",
             "nft",
         ],
@@ -183,8 +185,12 @@ def test_waits_for_a_missing_secret_and_rejects_one_without_a_key(
     assert "not found yet" in lines[0]  # the wait was said, once
     assert sum("waiting for Secret" in line for line in lines) == 1
     assert {(r.verb, r.method, r.path) for r in apiserver.requests} == {("get", "GET", SECRET_PATH)}
-    # ... which is exactly what the gateway's Role grants (operator/rbac.py, the chart's Role).
+    # ... which the gateway's Role grants (operator/rbac.py, the chart's Role); its Lease
+    # rules are used once it serves (tests/controlplane/test_gateway_lease.py).
     spec = rbac.COMPONENTS["gateway"]
     granted = {(r.group, r.resource, verb) for r in spec.namespace_rules for verb in r.verbs}
     assert not spec.cluster_rules
-    assert {(r.api_group, r.resource, r.verb) for r in apiserver.requests} == granted
+    assert {(r.api_group, r.resource, r.verb) for r in apiserver.requests} == {
+        ("", "secrets", "get")
+    }
+    assert ("", "secrets", "get") in granted

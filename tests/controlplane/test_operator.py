@@ -16,6 +16,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import pytest
 import yaml
 
 from k8s_ext_connector.core.api import GATEWAY_NODE_LABEL, ServiceRef
+from k8s_ext_connector.core.gateway_status import lease_body
 from k8s_ext_connector.emulator import ApiServer
 from k8s_ext_connector.emulator.clients import run_kubectl
 from k8s_ext_connector.operator import rbac
@@ -480,9 +482,22 @@ def test_operator_requests_match_its_rbac(cluster: Cluster) -> None:
         and (r.user_agent.startswith("kopf") or r.user_agent.startswith("k8s-ext-connector"))
     }
     granted = {
-        (rule.group, rule.resource, verb) for rule in rbac.CLUSTER_RULES for verb in rule.verbs
+        (rule.group, rule.resource, verb)
+        for rule in rbac.CLUSTER_RULES + rbac.OPERATOR_CONNECTOR_RULES
+        for verb in rule.verbs
     }
     assert used - granted == set(), "calls the RBAC does not allow"
+    # The connector namespace's Role is a Role: its calls stay in that namespace.
+    in_connector = {
+        (r.api_group, r.resource, r.verb) for rule in rbac.OPERATOR_CONNECTOR_RULES
+        for r in c.api.requests
+        if (r.api_group, r.resource) == (rule.group, rule.resource)
+        and r.user_agent.startswith("k8s-ext-connector")
+        and r.namespace == "external-services"
+    }  # fmt: skip
+    assert in_connector == {("coordination.k8s.io", "leases", v) for v in ("list", "watch")}
+    elsewhere = [r.path for r in c.api.requests if r.resource == "leases"]
+    assert all("/namespaces/external-services/" in path for path in elsewhere), elsewhere
     # Everything granted is used, except paths this scenario does not reach.
     unused = (
         granted
@@ -490,6 +505,49 @@ def test_operator_requests_match_its_rbac(cluster: Cluster) -> None:
         - {("", "services", "patch"), ("", "configmaps", "delete")}
     )
     assert unused == set() or unused <= {("", "configmaps", "delete")}, unused
+
+
+def test_a_source_ip_its_gateway_reports_unserved_shows_in_the_status(cluster: Cluster) -> None:
+    """The gateway on gw1 reports through its Lease (written here as the gateway writes it:
+    core/gateway_status.lease_body) that it does not serve one of the seed's source IPs.
+    kubectl describe then says which source IP, which node and why; once the gateway
+    serves it again, the ExternalService is Ready again."""
+    c = cluster
+    ready_pods(c)
+    c.kubectl("apply", "-f", "-", stdin=SEED)
+    c.wait(lambda: c.condition("Ready") == ("True", "TunnelsReady"), "Ready")
+    reason = (
+        "192.168.122.201 is already an address of this node (on eth1) and not one the gateway "
+        "added: refusing to take over the node's own address"
+    )
+    lease = lease_body(
+        "external-services",
+        "gw1",
+        {"192.168.122.201": reason},
+        datetime.now(UTC),
+        10.0,
+        None,
+        None,
+    )
+    path = "/apis/coordination.k8s.io/v1/namespaces/external-services/leases"
+    written = c.http("POST", path, lease, "application/json")
+    c.wait(
+        lambda: c.condition("GatewayAssigned") == ("False", "SourceIPNotServed"),
+        "GatewayAssigned=False from the gateway's report",
+    )
+    assert c.condition("Ready") == ("False", "SourceIPNotServed")
+    assert c.es()["status"]["ready"] == "1/2"
+    described = " ".join(c.kubectl("describe", "externalservice", "my-externalservice").split())
+    assert f"the gateway on node gw1 does not serve sourceIP 192.168.122.201: {reason}" in (
+        described
+    )
+    events = c.api.list_objects("", "v1", "events", "default")
+    assert any(e["reason"] == "SourceIPNotServed" for e in events)
+
+    served = lease_body("external-services", "gw1", {}, datetime.now(UTC), 10.0, written, None)
+    served["metadata"]["resourceVersion"] = written["metadata"]["resourceVersion"]
+    c.http("PUT", f"{path}/{served['metadata']['name']}", served, "application/json")
+    c.wait(lambda: c.condition("Ready") == ("True", "TunnelsReady"), "Ready again")
 
 
 def test_two_replicas_one_leader(cluster: Cluster) -> None:

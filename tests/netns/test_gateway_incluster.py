@@ -1,5 +1,6 @@
 """The gateway as the chart runs it: host key from its per-node Secret, config that appears
-late, /ready, and nothing asked of the API but a GET of that one Secret.
+late, /ready, its report through its node's Lease, and nothing asked of the API but a GET
+of that one Secret and the writes of that one Lease.
 
 One network namespace per test holds everything: the API emulator (on its 127.0.0.1), the
 real gateway process (``ip netns exec``), an echo server standing for the target, and the
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -27,10 +29,15 @@ import pytest
 import yaml
 
 from k8s_ext_connector.certs.ssh import KeyPair, generate_key_pair, write_private_key
+from k8s_ext_connector.core.gateway_status import (
+    UNSERVED_ANNOTATION,
+    gateway_lease_name,
+    host_key_secret_name,
+)
 from k8s_ext_connector.emulator import ApiServer
 from k8s_ext_connector.lab import netns
 from k8s_ext_connector.lab.topology import Process
-from k8s_ext_connector.operator.desired import host_key_secret_name
+from k8s_ext_connector.operator import rbac
 from tests.polling import wait_for
 
 pytestmark = pytest.mark.root
@@ -39,6 +46,7 @@ T = TypeVar("T")
 NODE = "gw1"
 NAMESPACE = "external-services"
 SECRET = host_key_secret_name(NODE)
+LEASE = gateway_lease_name(NODE)
 SOURCE_IP = "198.51.100.10"
 TARGET_IP = "198.51.100.1"
 TARGET_PORT = 7000
@@ -79,14 +87,14 @@ class Node:
     def config_path(self) -> Path:
         return self.workdir / "config" / f"{NODE}.yaml"
 
-    def write_config(self) -> None:
+    def write_config(self, *source_ips: str) -> None:
         doc = {
             "version": 1,
             "sshPort": SSH_PORT,
             "sshAllowFrom": ["198.51.100.0/24"],  # the clients here (the operator: the cluster)
             "sources": [
                 {
-                    "sourceIP": SOURCE_IP,
+                    "sourceIP": source_ip,
                     "clients": [
                         {
                             "name": "ns1/my-service1",
@@ -95,6 +103,7 @@ class Node:
                         }
                     ],
                 }
+                for source_ip in source_ips or (SOURCE_IP,)
             ],
         }
         self.config_path.parent.mkdir(exist_ok=True)
@@ -153,7 +162,7 @@ class Node:
                 stdout=handle,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env={**os.environ, "POD_NAMESPACE": NAMESPACE},
+                env={**os.environ, "POD_NAMESPACE": NAMESPACE, "NODE_NAME": NODE},
             )
         self.gateway = Process("gateway", popen, log_path)
         return self.gateway
@@ -176,8 +185,33 @@ class Node:
             return 0, str(error)
 
     def gateway_requests(self) -> set[tuple[str, str, str]]:
-        """Every call the API saw: (verb, method, path). Only the gateway calls it here."""
-        return {(r.verb, r.method, r.path) for r in self.api.requests}
+        """Every call the API saw but those of its Lease: (verb, method, path). Only the
+        gateway calls it here."""
+        return {(r.verb, r.method, r.path) for r in self.api.requests if r.resource != "leases"}
+
+    def lease(self) -> dict[str, Any] | None:
+        return self.api.get_object("coordination.k8s.io", "v1", "leases", NAMESPACE, LEASE)
+
+    def unserved(self) -> dict[str, str] | None:
+        lease = self.lease()
+        if lease is None:
+            return None
+        found: dict[str, str] = json.loads(lease["metadata"]["annotations"][UNSERVED_ANNOTATION])
+        return found
+
+    def lease_calls_allowed(self) -> bool:
+        """Every Lease call is one the gateway's Role grants, on its own Lease, in its
+        namespace (RBAC cannot name it; the test can)."""
+        granted = {
+            (r.group, r.resource, v) for r in rbac.GATEWAY_NAMESPACE_RULES for v in r.verbs
+        }
+        calls = [r for r in self.api.requests if r.resource == "leases"]
+        return bool(calls) and all(
+            (r.api_group, r.resource, r.verb) in granted
+            and r.namespace == NAMESPACE
+            and r.name in ("", LEASE)
+            for r in calls
+        )
 
 
 async def _http_get(host: str, port: int, path: str) -> tuple[int, str]:
@@ -305,10 +339,12 @@ def test_waits_for_its_host_key_secret_serves_with_it_and_follows_a_new_one(node
     finally:
         held.close()
 
-    # RBAC: a get of that one Secret in that namespace, nothing else (no list, no watch).
+    # RBAC: a get of that one Secret in that namespace, nothing else (no list, no watch),
+    # and the writes of its own Lease.
     assert node.gateway_requests() == {
         ("get", "GET", f"/api/v1/namespaces/{NAMESPACE}/secrets/{SECRET}")
     }
+    assert node.lease_calls_allowed()
     log = node.output()
     for pair in (key_a, key_b, node.client):
         private_body = b"".join(pair.private_openssh.splitlines()[1:-1]).decode()
@@ -336,6 +372,44 @@ def test_wait_for_config_waits_until_the_file_appears(node: Node) -> None:
         ("get", "GET", f"/api/v1/namespaces/{NAMESPACE}/secrets/{SECRET}")
     }
     assert gateway.stop(signal.SIGTERM) == 0
+    assert node.lease_calls_allowed()
+
+
+def test_reports_the_source_ips_it_does_not_serve_through_its_lease(node: Node) -> None:
+    """The issue's channel to the operator: TARGET_IP is on ext0 (this node's own address,
+    not one the gateway added), so with --manage-addresses the gateway refuses it as a
+    source IP and says so in its Lease, while SOURCE_IP is served. At SIGTERM the Lease is
+    released: a stopped gateway reports nothing."""
+    node.put_host_key(key := generate_key_pair())
+    node.write_config(SOURCE_IP, TARGET_IP)
+    gateway = node.start_gateway("--lease-renew-interval", "0.5")
+    reason = (
+        f"{TARGET_IP} is already an address of this node (on ext0) and not one the gateway "
+        "added: refusing to take over the node's own address"
+    )
+    wait_for(lambda: node.unserved() == {TARGET_IP: reason}, 15, "the Lease to report it")
+    lease = node.lease()
+    assert lease is not None
+    assert lease["spec"]["holderIdentity"] == NODE
+    assert lease["spec"]["leaseDurationSeconds"] == 2  # three renewals of 0.5 s, rounded up
+    assert _verified_with(node, key) == "ok"  # the other source IP is served
+    assert node.not_ready() == f"{TARGET_IP} not served: {reason}"
+    renewed = lease["spec"]["renewTime"]
+    wait_for(
+        lambda: (node.lease() or {})["spec"]["renewTime"] != renewed, 5, "a renewal of the Lease"
+    )
+    # The address stays the node's: not relabelled, not removed at stop.
+    shown = netns.sh(["ip", "-n", node.ns, "-j", "addr", "show", "ext0"]).stdout
+    assert f'"local":"{TARGET_IP}"' in shown.replace(" ", "")
+    assert gateway.stop(signal.SIGTERM) == 0
+    released = node.lease()
+    assert released is not None
+    assert "holderIdentity" not in released["spec"]
+    assert node.unserved() == {}
+    assert TARGET_IP in netns.sh(["ip", "-n", node.ns, "addr", "show", "ext0"]).stdout
+    assert SOURCE_IP not in netns.sh(["ip", "-n", node.ns, "addr", "show", "ext0"]).stdout
+    assert node.lease_calls_allowed()
+    assert "Traceback" not in node.output()
 
 
 def test_sigterm_while_waiting_exits_cleanly(node: Node) -> None:

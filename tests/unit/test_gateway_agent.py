@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Mapping
 
 import asyncssh
 import pytest
@@ -66,9 +67,13 @@ async def _authenticates(ip: str, port: int, key: asyncssh.SSHKey) -> bool:
 class FakeAddresses:
     """Addresses of a node: ``refuse`` maps an address to the error ``ip addr add`` gives."""
 
-    def __init__(self, refuse: dict[str, str]) -> None:
+    def __init__(self, refuse: dict[str, str], node_own: dict[str, str] | None = None) -> None:
         self.refuse = refuse
         self.present_now: set[str] = set()
+        self.node_own = dict(node_own or {})  # the node's own addresses -> interface
+
+    def foreign(self) -> dict[str, str]:
+        return dict(self.node_own)
 
     def owned(self) -> set[str]:
         return set(self.present_now)
@@ -135,6 +140,51 @@ def test_unservable_entries_are_reported_and_the_others_served(
     lines = [r.getMessage() for r in caplog.records if "source IPs" in r.getMessage()]
     assert lines[0].startswith("applied 1 of 3 source IPs; 127.0.0.3 not applied: cannot add")
     assert "2001:db8::5 not applied: --manage-addresses" in lines[0]
+
+
+def test_a_source_ip_that_is_the_nodes_own_address_is_refused_and_reported(
+    fast_retry: None,
+) -> None:
+    """With --manage-addresses, a source IP already on one of the node's interfaces without
+    being one the gateway added is the node's own (e.g. a second interface the Node object
+    does not list): it is not served, the others are, and the report reaches ``on_failed``
+    (the gateway's Lease) at once and again when the address goes away."""
+    keys = {ip: _key() for ip in (A, B)}
+    addresses = FakeAddresses({}, node_own={B: "eth1"})
+    reports: list[Mapping[str, str]] = []
+    fake = FakeIptables()
+
+    async def body() -> None:
+        port = ports.free_port(A)
+        config = _config(port, *(_source(ip, key) for ip, key in keys.items()))
+        agent = GatewayAgent(
+            config, _key(), addresses, firewalls={"ipv4": fake}, on_failed=reports.append
+        )
+        await agent.start()
+        await asyncio.sleep(0.3)  # a few retries
+        # The node's address never got the filter chain, not even for a moment: it would
+        # reset new connections to the node's own services on that address.
+        assert fake.restores
+        assert not [text for text in fake.restores if B in text]
+        assert [s.source_ip for s in agent.config.sources] == [A]
+        assert agent.failed == {
+            B: f"{B} is already an address of this node (on eth1) and not one the gateway "
+            "added: refusing to take over the node's own address"
+        }
+        assert reports[-1] == agent.failed
+        assert addresses.present_now == {A}  # not added a second time, not taken over
+        assert agent.client_name(B, _public(keys[B])) == "?"
+        assert await _authenticates(A, port, keys[A])
+        # The node no longer has it (the administrator moved it): the retry serves it.
+        addresses.node_own.clear()
+        await wait_for_async(lambda: not agent.failed, what="the entry applied on retry")
+        assert reports[-1] == {}
+        assert addresses.present_now == {A, B}
+        assert f"-d {B}/32" in "\n".join(fake.tables["filter"][INGRESS_CHAIN])
+        await agent.stop()
+        assert addresses.present_now == set()
+
+    asyncio.run(body())
 
 
 def test_an_address_that_is_not_there_fails_its_entry_and_is_retried_quietly(

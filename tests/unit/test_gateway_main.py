@@ -29,6 +29,7 @@ def guarded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gateway_main, "run_agent", _forbidden)
     monkeypatch.setattr(gateway_main, "setup_logging", lambda level: None)
     monkeypatch.delenv("POD_NAMESPACE", raising=False)
+    monkeypatch.setenv("NODE_NAME", "gw1")  # the chart's downward API
 
 
 @pytest.fixture
@@ -98,6 +99,11 @@ def test_the_charts_arguments_pass_validation(
     assert settings.namespace == "external-services"
     assert (settings.health_host, settings.health_port) == ("0.0.0.0", 9102)
     assert settings.host_key_poll_interval == 30.0
+    assert (settings.node_name, settings.reports, settings.lease_renew_interval) == (
+        "gw1",
+        True,
+        10.0,
+    )
     with pytest.raises(AssertionError, match="side effect before validation finished"):
         cli.main(args)
 
@@ -125,7 +131,7 @@ def test_missing_config_with_wait_for_config_is_not_an_error(
     [
         pytest.param(
             [],
-            ["--namespace: '': required with --host-key-secret", "POD_NAMESPACE"],
+            ["--namespace: '': required with an API client", "POD_NAMESPACE"],
             id="no-namespace",
         ),
         pytest.param(
@@ -143,6 +149,16 @@ def test_missing_config_with_wait_for_config_is_not_an_error(
             ["--host-key-poll-interval: 0.0: must be > 0"],
             id="poll-interval",
         ),
+        pytest.param(
+            ["--namespace", "ns", "--node-name", "Not_A_Node"],
+            ["--node-name: 'Not_A_Node': is not a node name that can name a Lease"],
+            id="bad-node-name",
+        ),
+        pytest.param(
+            ["--namespace", "ns", "--lease-renew-interval", "0"],
+            ["--lease-renew-interval: 0.0: must be > 0"],
+            id="lease-renew-interval",
+        ),
     ],
 )
 def test_bad_in_cluster_options(
@@ -156,6 +172,39 @@ def test_bad_in_cluster_options(
     line = _error_line(capsys)
     for word in words:
         assert word in line
+
+
+def test_the_lease_needs_a_node_name(
+    config: Path,
+    kubeconfig: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With an API client the gateway reports through its node's Lease, so it must know
+    its node: without --node-name or $NODE_NAME it ends before any side effect."""
+    monkeypatch.delenv("NODE_NAME")
+    assert cli.main(_secret_args(config, kubeconfig, "--namespace", "ns")) == 2
+    line = _error_line(capsys)
+    assert "--node-name: '': required with an API client" in line
+    assert "NODE_NAME" in line
+    parsed = cli.build_parser().parse_args(
+        _secret_args(config, kubeconfig, "--namespace", "ns", "--node-name", "gw2")
+    )
+    assert gateway_main.settings_from(parsed).node_name == "gw2"
+
+
+def test_outside_the_cluster_the_lease_is_optional(
+    config: Path, kubeconfig: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--host-key FILE (the lab, the seed's way): no API client, no Lease, no node name
+    needed; adding --kubeconfig turns the Lease on."""
+    monkeypatch.delenv("NODE_NAME")
+    key = ["gateway", "--config", str(config), "--host-key", str(tmp_path / "key")]
+    settings = gateway_main.settings_from(cli.build_parser().parse_args(key))
+    assert (settings.reports, settings.node_name) == (False, None)
+    with_api = [*key, "--kubeconfig", str(kubeconfig), "--namespace", "ns", "--node-name", "gw1"]
+    settings = gateway_main.settings_from(cli.build_parser().parse_args(with_api))
+    assert (settings.reports, settings.node_name, settings.namespace) == (True, "gw1", "ns")
 
 
 def test_bad_secret_name(

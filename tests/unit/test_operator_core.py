@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from k8s_ext_connector.core.api import GATEWAY_NODE_LABEL, ServiceRef
+from k8s_ext_connector.core.gateway_status import UNSERVED_ANNOTATION, lease_body, released_body
 from k8s_ext_connector.core.planner import Problem
 from k8s_ext_connector.operator.assign import assign_gateways, eligible_nodes
 from k8s_ext_connector.operator.desired import (
@@ -29,6 +30,7 @@ from k8s_ext_connector.operator.leader import FORMAT, decide, lease_spec
 from k8s_ext_connector.operator.snapshot import (
     NodeRecord,
     externalservice_record,
+    gateway_lease_record,
     node_record,
     pod_record,
     service_record,
@@ -626,3 +628,81 @@ def test_an_ipv6_source_is_refused_gets_nothing_and_spares_the_others() -> None:
     assert [s["sourceIP"] for s in gateway["sources"]] == ["192.168.122.200", "192.168.122.201"]
     good = desired.statuses[ServiceRef("default", "my-externalservice")]
     assert conditions(good)["Ready"] == ("True", "TunnelsReady")
+
+
+# ---- gateway reports (their Leases) -------------------------------------------------------
+
+
+def gateway_lease(node: str, unserved: dict[str, str], held: bool = True) -> Any:
+    """A gateway Lease as the gateway writes it (core/gateway_status.lease_body)."""
+    body = lease_body("external-services", node, unserved, datetime(2026, 1, 1, tzinfo=UTC),
+                      10.0, None, None)
+    return gateway_lease_record(body if held else released_body(body))
+
+
+def test_a_source_ip_its_gateway_does_not_serve_fails_gateway_assigned_and_ready() -> None:
+    reason = ("192.168.122.201 is already an address of this node (on eth1) and not one the "
+              "gateway added: refusing to take over the node's own address")
+    snap = replace(snapshot(es_body(), pods=READY_PODS),
+                   gateway_leases={"gw1": gateway_lease("gw1", {"192.168.122.201": reason})})
+    status = compute(snap, KEYS, SETTINGS).statuses[ServiceRef("default", "my-externalservice")]
+    found = conditions(status)
+    assert found["GatewayAssigned"] == ("False", "SourceIPNotServed")
+    assert found["Ready"] == ("False", "SourceIPNotServed")
+    assert found["Ingress"] == ("False", "SourceIPNotServed")
+    assert found["Accepted"] == ("True", "Valid")  # the spec is fine
+    message = next(c["message"] for c in status["conditions"] if c["type"] == "GatewayAssigned")
+    assert message.startswith(
+        f"the gateway on node gw1 does not serve sourceIP 192.168.122.201: {reason}")
+    assert "192.168.122.200" not in message
+    assert status["ready"] == "1/2"  # the other source is served and counted
+
+
+def test_other_externalservices_and_other_reports_are_unaffected() -> None:
+    other = es_body("other", spec={**seed_spec(), "sources": [
+        {"service": {"namespace": "ns1", "name": "my-service1"}, "sourceIP": "192.168.122.210"}]})
+    leases = {
+        "gw1": gateway_lease("gw1", {"192.168.122.201": "cannot listen"}),
+        # a report about an IP this node is not assigned, and a stopped gateway's report
+        "gw2": gateway_lease("gw2", {"192.168.122.210": "stale"}, held=False),
+        "gw3": gateway_lease("gw3", {"192.168.122.210": "not assigned here"}),
+    }
+    snap = replace(snapshot(es_body(), other, pods=READY_PODS, nodes=(node("gw1"),)),
+                   gateway_leases=leases)
+    statuses = compute(snap, KEYS, SETTINGS).statuses
+    assert conditions(statuses[ServiceRef("default", "other")])["GatewayAssigned"] == (
+        "True", "Assigned")
+    assert conditions(statuses[ServiceRef("default", "my-externalservice")])[
+        "GatewayAssigned"] == ("False", "SourceIPNotServed")
+    served = replace(snap, gateway_leases={"gw1": gateway_lease("gw1", {})})
+    assert conditions(compute(served, KEYS, SETTINGS).statuses[
+        ServiceRef("default", "my-externalservice")])["Ready"] == ("True", "TunnelsReady")
+
+
+def test_gateway_lease_body_and_record() -> None:
+    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    body = lease_body("external-services", "gw1", {"203.0.113.9": "x"}, now, 10.0, None, None)
+    assert body["metadata"]["name"] == "ext-connector-gateway-gw1"
+    assert body["spec"] == {"holderIdentity": "gw1", "leaseDurationSeconds": 30,
+                            "acquireTime": "2026-01-01T12:00:00.000000Z",
+                            "renewTime": "2026-01-01T12:00:00.000000Z", "leaseTransitions": 0}
+    assert body["metadata"]["annotations"] == {UNSERVED_ANNOTATION: '{"203.0.113.9": "x"}'}
+    # A new process takes an existing Lease: one more transition; its renewals keep it.
+    later = now + timedelta(seconds=10)
+    taken = lease_body("external-services", "gw1", {}, later, 10.0, body, None)
+    assert taken["spec"]["leaseTransitions"] == 1
+    renewed = lease_body("external-services", "gw1", {}, later, 10.0, taken, now)
+    assert renewed["spec"]["leaseTransitions"] == 1
+    assert renewed["spec"]["acquireTime"] == "2026-01-01T12:00:00.000000Z"
+    record = gateway_lease_record(body)
+    assert record is not None
+    assert (record.node, record.held, record.unserved_reason("203.0.113.9")) == ("gw1", True, "x")
+    released = gateway_lease_record(released_body(body))
+    assert released is not None
+    assert (released.held, released.unserved_reason("203.0.113.9")) == (False, None)
+    assert gateway_lease_record({"metadata": {"name": "k8s-ext-connector-operator"}}) is None
+    broken = gateway_lease_record({**body, "metadata": {**body["metadata"], "annotations": {
+        UNSERVED_ANNOTATION: "[1]"}}})
+    assert broken is not None
+    assert (broken.unserved, broken.problem) == ((), f"annotation {UNSERVED_ANNOTATION} is not "
+                                                  "an object of strings")

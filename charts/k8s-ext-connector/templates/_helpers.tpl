@@ -127,16 +127,25 @@ metadata:
   labels:
     {{- $labels | nindent 4 }}
 automountServiceAccountToken: true
-{{- range $kind := list "Cluster" "" }}
-{{- $rules := ternary $spec.clusterRules $spec.namespaceRules (eq $kind "Cluster") }}
+{{- /* (kind, rules, name, namespace): the ClusterRole, the Role, and a second Role in the
+connector namespace (connectorRules, operator/rbac.py CONNECTOR_ROLE_SUFFIX). */ -}}
+{{- $roles := list
+  (list "Cluster" $spec.clusterRules $name "")
+  (list "" $spec.namespaceRules $name $roleNamespace)
+  (list "" $spec.connectorRules (printf "%s-connector" $name) (include "extconn.connectorNamespace" $root)) -}}
+{{- range $role := $roles }}
+{{- $kind := index $role 0 }}
+{{- $rules := index $role 1 }}
+{{- $roleName := index $role 2 }}
+{{- $ns := index $role 3 }}
 {{- if $rules }}
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: {{ $kind }}Role
 metadata:
-  name: {{ $name }}
+  name: {{ $roleName }}
   {{- if not $kind }}
-  namespace: {{ $roleNamespace }}
+  namespace: {{ $ns }}
   {{- end }}
   labels:
     {{- $labels | nindent 4 }}
@@ -157,16 +166,16 @@ rules:
 apiVersion: rbac.authorization.k8s.io/v1
 kind: {{ $kind }}RoleBinding
 metadata:
-  name: {{ $name }}
+  name: {{ $roleName }}
   {{- if not $kind }}
-  namespace: {{ $roleNamespace }}
+  namespace: {{ $ns }}
   {{- end }}
   labels:
     {{- $labels | nindent 4 }}
 roleRef:
   apiGroup: rbac.authorization.k8s.io
   kind: {{ $kind }}Role
-  name: {{ $name }}
+  name: {{ $roleName }}
 subjects:
   - kind: ServiceAccount
     name: {{ $name }}

@@ -47,7 +47,7 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import asyncssh
@@ -59,7 +59,11 @@ from k8s_ext_connector.core.fields import canonical_ip
 from k8s_ext_connector.core.logsafe import untrusted
 from k8s_ext_connector.core.ssh import WINDOW, server_options
 from k8s_ext_connector.gateway import rules
-from k8s_ext_connector.gateway.addresses import AddressManager, reconcile_addresses
+from k8s_ext_connector.gateway.addresses import (
+    AddressManager,
+    node_own_addresses,
+    reconcile_addresses,
+)
 from k8s_ext_connector.gateway.ingress import IngressRelay
 
 log = logging.getLogger(__name__)
@@ -306,7 +310,8 @@ class GatewayAgent:
     ``firewalls`` holds the iptables of each address family whose chains the agent
     manages (none: no rules at all, the relay's own peer check is the only one, e.g. in
     unit tests). ``snat_guard`` off: no SNAT chain (a leftover one is removed).
-    ``rules_check_interval``: seconds between checks of the applied rules.
+    ``rules_check_interval``: seconds between checks of the applied rules. ``on_failed``
+    is given ``failed`` after every apply (the gateway's Lease reports it to the operator).
 
     ``wanted`` is the config last given to ``apply``; ``config`` the part of it in force
     (the served entries, and what authorises keys and channels); ``failed`` maps each
@@ -321,6 +326,7 @@ class GatewayAgent:
         firewalls: Mapping[iptables.Family, iptables.Iptables] | None = None,
         snat_guard: bool = True,
         rules_check_interval: float = RULES_CHECK_SECONDS,
+        on_failed: Callable[[Mapping[str, str]], None] | None = None,
     ) -> None:
         self.wanted = config
         self.config = replace(config, sources=())  # nothing is served before start
@@ -331,6 +337,7 @@ class GatewayAgent:
         self._firewalls = dict(firewalls or {})
         self._snat_guard = snat_guard
         self._rules_check_interval = rules_check_interval
+        self._on_failed = on_failed
         self._listeners: dict[str, asyncssh.SSHAcceptor] = {}
         self._sessions: set[_Session] = set()
         self._retry: asyncio.Task[None] | None = None
@@ -422,6 +429,16 @@ class GatewayAgent:
             if reason:
                 failed[source.source_ip] = reason
                 permanent.add(source.source_ip)
+        if self._addresses is not None:
+            # Before the rules: the node's own address must never get our filter chain
+            # (it would reset new connections to the node's services on that address).
+            failed.update(
+                await asyncio.to_thread(
+                    node_own_addresses,
+                    self._addresses,
+                    [s.source_ip for s in config.sources if s.source_ip not in failed],
+                )
+            )
         candidates = replace(
             config, sources=tuple(s for s in config.sources if s.source_ip not in failed)
         )
@@ -480,6 +497,8 @@ class GatewayAgent:
         self._permanent = permanent & set(failed)
         self._close_revoked()
         self._log_outcome(config)
+        if self._on_failed is not None:
+            self._on_failed(dict(failed))
 
     def _unservable(self, source_ip: str) -> str | None:
         """Why this node can never serve ``source_ip`` (checked before any side effect)."""

@@ -11,6 +11,13 @@ Two ways to run it:
 - **Outside** (the seed's way, and the namespace lab): ``--host-key FILE``, followed like
   the config file.
 
+With an API client (``--host-key-secret``, or ``--kubeconfig`` outside the cluster) the
+gateway also reports to the operator through its node's Lease (``gateway/statuslease.py``):
+which source IPs it does not serve and why, renewed every ``--lease-renew-interval``
+seconds, released at a clean stop. That needs the node's name (``--node-name``, default
+$NODE_NAME, which the chart sets). Without an API client there is no report: the log and
+``/ready`` are then the only places an unserved source IP shows.
+
 Invalid input ends with one line naming the option or field and exit 2, before any side
 effect: the config and a ``--host-key`` file are read before anything else; a Secret that
 cannot be read for lack of permission (401/403) or holds no OpenSSH private key ends the
@@ -36,6 +43,7 @@ from k8s_ext_connector.core import iptables
 from k8s_ext_connector.core.config import GatewayConfig, load_gateway_config
 from k8s_ext_connector.core.errors import ConfigError
 from k8s_ext_connector.core.fields import DNS_LABEL, DNS_SUBDOMAIN
+from k8s_ext_connector.core.gateway_status import RENEW_SECONDS, gateway_lease_name
 from k8s_ext_connector.core.health import serve_health
 from k8s_ext_connector.core.kube import KubeClient, load_credentials
 from k8s_ext_connector.core.reload import ConfigWatcher
@@ -48,6 +56,7 @@ from k8s_ext_connector.core.run import (
 from k8s_ext_connector.gateway.addresses import IprouteAddresses
 from k8s_ext_connector.gateway.agent import RULES_CHECK_SECONDS, GatewayAgent
 from k8s_ext_connector.gateway.hostkey import HostKeySecret
+from k8s_ext_connector.gateway.statuslease import StatusLease
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +78,13 @@ class GatewaySettings:
     health_port: int = 0
     snat_guard: bool = True
     rules_check_interval: float = RULES_CHECK_SECONDS
+    node_name: str | None = None
+    lease_renew_interval: float = RENEW_SECONDS
+
+    @property
+    def reports(self) -> bool:
+        """Whether the gateway writes its Lease: only with an API client."""
+        return self.host_key_secret is not None or self.kubeconfig is not None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,12 +103,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--namespace",
-        help="namespace of --host-key-secret (default: $POD_NAMESPACE)",
+        help="namespace of --host-key-secret and of the gateway's Lease (default: $POD_NAMESPACE)",
     )
     parser.add_argument(
         "--kubeconfig",
-        help="for --host-key-secret (default: the in-cluster service account, else "
-        "$KUBECONFIG, else ~/.kube/config)",
+        help="for --host-key-secret and the gateway's Lease (default: the in-cluster service "
+        "account, else $KUBECONFIG, else ~/.kube/config); with --host-key, giving it turns "
+        "the Lease on",
+    )
+    parser.add_argument(
+        "--node-name",
+        default=None,
+        help="this gateway's node (default: $NODE_NAME): it writes the Lease "
+        f"{gateway_lease_name('<node>')} reporting the source IPs it does not serve",
+    )
+    parser.add_argument(
+        "--lease-renew-interval",
+        type=float,
+        default=RENEW_SECONDS,
+        metavar="SECONDS",
+        help="seconds between renewals of the gateway's Lease (a change of what it serves "
+        "is written at once)",
     )
     parser.add_argument(
         "--host-key-poll-interval",
@@ -151,17 +182,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from(args: argparse.Namespace) -> GatewaySettings:
     namespace = args.namespace or os.environ.get("POD_NAMESPACE") or None
-    if args.host_key_secret is not None:
-        if not DNS_SUBDOMAIN.fullmatch(args.host_key_secret):
+    node_name = args.node_name or os.environ.get("NODE_NAME") or None
+    if args.host_key_secret is not None or args.kubeconfig is not None:
+        if node_name is None:
             raise ConfigError(
-                "--host-key-secret", args.host_key_secret, "is not a valid Secret name"
+                "--node-name",
+                "",
+                "required with an API client (--host-key-secret or --kubeconfig), to write "
+                "the gateway's Lease (or set NODE_NAME, as the chart does)",
             )
+        if not DNS_SUBDOMAIN.fullmatch(node_name) or len(gateway_lease_name(node_name)) > 253:
+            raise ConfigError("--node-name", node_name, "is not a node name that can name a Lease")
         if namespace is None:
             raise ConfigError(
-                "--namespace", "", "required with --host-key-secret (or set POD_NAMESPACE)"
+                "--namespace", "", "required with an API client (or set POD_NAMESPACE)"
             )
-        if not DNS_LABEL.fullmatch(namespace):
-            raise ConfigError("--namespace", namespace, "is not a valid namespace name")
+    if not args.lease_renew_interval > 0:
+        raise ConfigError("--lease-renew-interval", args.lease_renew_interval, "must be > 0")
+    if args.host_key_secret is not None and not DNS_SUBDOMAIN.fullmatch(args.host_key_secret):
+        raise ConfigError("--host-key-secret", args.host_key_secret, "is not a valid Secret name")
+    if namespace is not None and not DNS_LABEL.fullmatch(namespace):
+        raise ConfigError("--namespace", namespace, "is not a valid namespace name")
     if not 0 <= args.health_port <= 65535:
         raise ConfigError("--health-port", args.health_port, "must be 0 (off) to 65535")
     if args.host_key_poll_interval <= 0:
@@ -184,6 +225,8 @@ def settings_from(args: argparse.Namespace) -> GatewaySettings:
         health_port=args.health_port,
         snat_guard=args.snat_guard,
         rules_check_interval=args.rules_check_interval,
+        node_name=node_name,
+        lease_renew_interval=args.lease_renew_interval,
     )
 
 
@@ -205,7 +248,7 @@ def run(settings: GatewaySettings) -> int:
     path = settings.host_key_path
     if path is not None and (not settings.wait_for_config or path.exists()):
         host_key = load_private_key(path, "--host-key")
-    if settings.host_key_secret is not None:
+    if settings.reports:
         load_credentials(settings.kubeconfig)  # a ConfigError names --kubeconfig
     setup_logging(settings.log_level)
     return run_agent(lambda: _serve(settings, config, host_key))
@@ -258,6 +301,7 @@ async def _gateway(
     ready = _Readiness()
     health: asyncio.Server | None = None
     secret: HostKeySecret | None = None
+    lease: StatusLease | None = None
     agent: GatewayAgent | None = None
     tasks: list[asyncio.Task[None]] = []
 
@@ -324,6 +368,16 @@ async def _gateway(
         addresses = (
             IprouteAddresses(settings.manage_addresses) if settings.manage_addresses else None
         )
+        if settings.reports:
+            assert settings.namespace is not None
+            assert settings.node_name is not None
+            kubeconfig = settings.kubeconfig
+            lease = StatusLease(
+                lambda: KubeClient(load_credentials(kubeconfig)),
+                settings.namespace,
+                settings.node_name,
+                settings.lease_renew_interval,
+            )
         agent = GatewayAgent(
             config,
             host_key,
@@ -331,6 +385,7 @@ async def _gateway(
             firewalls(backend),
             snat_guard=settings.snat_guard,
             rules_check_interval=settings.rules_check_interval,
+            on_failed=lease.report if lease is not None else None,
         )
         if not settings.snat_guard:
             log.warning("--no-snat-guard: the node's nat rules may rewrite the source IPs")
@@ -343,6 +398,8 @@ async def _gateway(
             tasks.append(asyncio.create_task(key_watcher.run()))
         if secret is not None:
             tasks.append(asyncio.create_task(secret.follow(replace_host_key)))
+        if lease is not None:
+            tasks.append(asyncio.create_task(lease.run()))
         log.info("gateway running with %d source IPs", len(config.sources))
         await asyncio.Event().wait()  # until cancelled (SIGTERM)
     finally:
@@ -353,5 +410,8 @@ async def _gateway(
         if agent is not None:
             await agent.stop()
             log.info("gateway stopped")
+        if lease is not None:
+            await lease.release()  # after the stop: it serves nothing now
+            await lease.close()
         if secret is not None:
             await secret.close()

@@ -38,6 +38,9 @@ from k8s_ext_connector.core.config import (
     dump,
     unique_networks,
 )
+from k8s_ext_connector.core.gateway_status import (  # re-exported: its old home
+    host_key_secret_name as host_key_secret_name,
+)
 from k8s_ext_connector.core.planner import (
     INVALID_NAME,
     ClusterFacts,
@@ -56,6 +59,7 @@ from k8s_ext_connector.operator.snapshot import (
     MANAGED_BY_LABEL,
     PUBLIC_KEY_ANNOTATION,
     ExternalServiceRecord,
+    GatewayLeaseRecord,
     NodeRecord,
     PodRecord,
     ServiceRecord,
@@ -71,6 +75,8 @@ MAX_LABEL_VALUE = 63
 # Reasons of problems with the objects the operator writes (not with the spec itself).
 FOREIGN_OBJECT = "ForeignObject"
 WRITE_REJECTED = "WriteRejected"
+# A gateway reports (through its Lease) that it does not serve a source IP assigned to it.
+SOURCE_IP_NOT_SERVED = "SourceIPNotServed"
 
 # (kind, namespace, name) of an object the operator writes, e.g. ("Service", ns, name).
 ObjectRef = tuple[str, str, str]
@@ -95,6 +101,8 @@ class Snapshot:
     services: Mapping[ServiceRef, ServiceRecord]
     nodes: Sequence[NodeRecord]
     pods: Sequence[PodRecord]
+    # node -> its gateway's report (the gateway Leases in the connector namespace)
+    gateway_leases: Mapping[str, GatewayLeaseRecord] = field(default_factory=dict)
 
     @cached_property
     def _pods_by_namespace(self) -> dict[str, list[PodRecord]]:
@@ -121,10 +129,6 @@ def sidecar_configmap_name(service: ServiceRef) -> str:
 
 def client_secret_name(service: ServiceRef) -> str:
     return f"ext-connector-{service.name}-key"
-
-
-def host_key_secret_name(node: str) -> str:
-    return f"ext-connector-gateway-{node}-host-key"
 
 
 def managed_labels(**extra: str) -> dict[str, str]:
@@ -532,6 +536,21 @@ def _status(
         if unheld
         else _condition("GatewayAssigned", True, "Assigned", "every source IP has a gateway node")
     )
+    unserved = not_served(es, snapshot, assignment)
+    if unserved:
+        said = "; ".join(
+            f"the gateway on node {node} does not serve sourceIP {ip}: {reason}"
+            for ip, (node, reason) in unserved.items()
+        )
+        if unheld:
+            gateway = {**gateway, "message": f"{gateway['message']}; {said}"}
+        else:
+            gateway = _condition(
+                "GatewayAssigned",
+                False,
+                SOURCE_IP_NOT_SERVED,
+                f"{said} (it retries; its log and /ready on that node say more)",
+            )
 
     ingress_ports = _ingress_ports(es, snapshot, planned)
     sources = []
@@ -552,7 +571,13 @@ def _status(
             f"{p.namespace}/{p.name}" for p in pods if p.has_sidecar and not p.sidecar_ready
         )
         node = assignment.get(source.source_ip)
-        is_ready = bool(pods) and len(ready_pods) == len(pods) and node is not None and not found
+        is_ready = (
+            bool(pods)
+            and len(ready_pods) == len(pods)
+            and node is not None
+            and not found
+            and source.source_ip not in unserved
+        )
         ready_count += is_ready
         entry: dict[str, Any] = {
             "service": str(source.service),
@@ -608,6 +633,10 @@ def _status(
         ingress = _condition("Ingress", False, warnings[0].reason, "; ".join(warnings))
     elif blocking:
         ingress = _condition("Ingress", False, blocking[0].reason, "; ".join(blocking))
+    elif unserved:  # nothing listens on a source IP its gateway does not serve
+        ingress = _condition(
+            "Ingress", False, SOURCE_IP_NOT_SERVED, gateway["message"] if not unheld else said
+        )
     elif found:  # keys or gateway pending: GatewayAssigned and Ready say what is missing
         ingress = {**_condition("Ingress", False, "Pending", "; ".join(found)), "status": "Unknown"}
     else:
@@ -626,6 +655,23 @@ def _status(
         sources=sources,
     )
     return status
+
+
+def not_served(
+    es: ExternalServiceRecord, snapshot: Snapshot, assignment: Mapping[str, str | None]
+) -> dict[str, tuple[str, str]]:
+    """sourceIP -> (node, reason) for each source IP of ``es`` that the gateway of the node
+    it is assigned to reports it does not serve. A report of another node (the IP moved
+    since) or of a gateway that stopped cleanly (released Lease) counts for nothing."""
+    assert es.spec is not None
+    found: dict[str, tuple[str, str]] = {}
+    for source in es.spec.sources:
+        node = assignment.get(source.source_ip)
+        lease = snapshot.gateway_leases.get(node) if node is not None else None
+        reason = lease.unserved_reason(source.source_ip) if lease is not None else None
+        if node is not None and reason is not None:
+            found.setdefault(source.source_ip, (node, reason))
+    return found
 
 
 def _ingress_ports(

@@ -19,6 +19,8 @@ from k8s_ext_connector.core.api import ServiceRef
 from k8s_ext_connector.core.errors import TransientError
 from k8s_ext_connector.core.kube import Credentials, KubeClient
 from k8s_ext_connector.operator.desired import OperatorSettings, Snapshot
+from k8s_ext_connector.operator.leases import GatewayLeases
+from k8s_ext_connector.operator.leases import follow as follow_leases
 from k8s_ext_connector.operator.reconciler import Observed, Reconciler
 from k8s_ext_connector.operator.snapshot import (
     MANAGED_BY,
@@ -47,10 +49,12 @@ def _values(index: Any) -> list[Any]:
 
 
 class Views:
-    """Holds the live kopf indexes once the first handler hands them over."""
+    """Holds the live kopf indexes once the first handler hands them over, and the
+    gateways' reports (``operator/leases.py``, not a kopf index: see there)."""
 
     def __init__(self) -> None:
         self.indexes: dict[str, Any] = {}
+        self.gateway_leases = GatewayLeases()
 
     def capture(self, kwargs: dict[str, Any]) -> None:
         for name in ("es_index", "service_index", "node_index", "pod_index", "cm_index"):
@@ -72,6 +76,7 @@ class Views:
             services={s.ref: s for s in services},
             nodes=sorted(nodes, key=lambda n: n.name),
             pods=pods,
+            gateway_leases=self.gateway_leases.records(),
         )
 
     def configmaps(self) -> list[ManagedConfigMap]:
@@ -127,6 +132,12 @@ def register(
         state["client"] = client
         state["reconciler"] = reconciler
         state["task"] = asyncio.create_task(reconciler.run(), name="reconciler")
+        state["leases"] = asyncio.create_task(
+            follow_leases(
+                views.gateway_leases, client, settings_.connector_namespace, reconciler.trigger
+            ),
+            name="gateway-leases",
+        )
         if on_reconciler is not None:
             on_reconciler(reconciler)
 
@@ -134,11 +145,12 @@ def register(
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
-        task = state.get("task")
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for key in ("leases", "task"):
+            task = state.get(key)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if "client" in state:
             await state["client"].close()
         if on_stop is not None:

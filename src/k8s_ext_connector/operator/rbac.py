@@ -10,7 +10,10 @@ writes client and host keys into Secrets but never reads one back; the public ha
 on record in its ConfigMaps. The webhook only reads (watches) Services and ExternalServices.
 The gateway reads one Secret, its node's host key, by name; RBAC cannot name Secrets that do
 not exist at install time, so its Role covers ``get`` on the connector namespace's Secrets,
-and nothing else secret is kept in that namespace (docs/security.md).
+and nothing else secret is kept in that namespace (docs/security.md). Likewise it writes its
+node's Lease (its report to the operator) with ``get``/``update`` on the connector
+namespace's Leases, and the operator lists and watches them there (a second Role of its own
+in the connector namespace, ``connector_rules``).
 """
 
 from __future__ import annotations
@@ -128,6 +131,29 @@ GATEWAY_NAMESPACE_RULES: tuple[Rule, ...] = (
         ("get",),
         "read this node's SSH host key Secret by name (a DaemonSet cannot mount a per-node Secret)",
     ),
+    Rule(
+        "coordination.k8s.io",
+        "leases",
+        ("create",),
+        "report to the operator: create this node's Lease the first time",
+    ),
+    Rule(
+        "coordination.k8s.io",
+        "leases",
+        ("get", "update"),
+        "report to the operator: renew this node's Lease with the source IPs it does not "
+        "serve (a Role cannot name per-node Leases unknown at install time)",
+    ),
+)
+
+# The operator's Role in the connector namespace (its main Role is in the release namespace).
+OPERATOR_CONNECTOR_RULES: tuple[Rule, ...] = (
+    Rule(
+        "coordination.k8s.io",
+        "leases",
+        ("list", "watch"),
+        "read the gateways' reports (their Leases) in the connector namespace",
+    ),
 )
 
 RoleNamespace = Literal["release", "connector"]
@@ -140,16 +166,22 @@ class Component:
     cluster_rules: tuple[Rule, ...]
     namespace_rules: tuple[Rule, ...]
     role_namespace: RoleNamespace  # release: where the component runs; connector: its data
+    # A second Role, in the connector namespace, for a component whose role_namespace is
+    # "release" (named with CONNECTOR_ROLE_SUFFIX: the two namespaces may be one).
+    connector_rules: tuple[Rule, ...] = ()
 
 
 COMPONENTS: dict[str, Component] = {
-    "operator": Component(CLUSTER_RULES, NAMESPACE_RULES, "release"),  # its Lease
+    "operator": Component(
+        CLUSTER_RULES, NAMESPACE_RULES, "release", OPERATOR_CONNECTOR_RULES
+    ),  # its Lease; the gateways' Leases
     "webhook": Component(WEBHOOK_CLUSTER_RULES, (), "release"),
     "certs": Component(CERTS_CLUSTER_RULES, CERTS_NAMESPACE_RULES, "release"),
     "gateway": Component((), GATEWAY_NAMESPACE_RULES, "connector"),
 }
 
 NAME = "k8s-ext-connector-operator"
+CONNECTOR_ROLE_SUFFIX = "-connector"
 
 
 def _rules(rules: tuple[Rule, ...], names: dict[str, str] | None = None) -> list[dict[str, Any]]:
@@ -185,13 +217,19 @@ def manifests(
     }
     rbac = "rbac.authorization.k8s.io"
     documents: list[dict[str, Any]] = []
-    for kind, rules, scope in (
-        ("ClusterRole", cluster_rules, {}),
-        ("Role", namespace_rules, {"namespace": role_namespace}),
+    for kind, rules, role_name, scope in (
+        ("ClusterRole", cluster_rules, name, {}),
+        ("Role", namespace_rules, name, {"namespace": role_namespace}),
+        (
+            "Role",
+            spec.connector_rules,
+            name + CONNECTOR_ROLE_SUFFIX,
+            {"namespace": connector_namespace},
+        ),
     ):
         if not rules:
             continue
-        metadata = {"name": name, **scope, "labels": labels}
+        metadata = {"name": role_name, **scope, "labels": labels}
         documents.append(
             {
                 "apiVersion": f"{rbac}/v1",
@@ -205,7 +243,7 @@ def manifests(
                 "apiVersion": f"{rbac}/v1",
                 "kind": f"{kind}Binding",
                 "metadata": metadata,
-                "roleRef": {"apiGroup": rbac, "kind": kind, "name": name},
+                "roleRef": {"apiGroup": rbac, "kind": kind, "name": role_name},
                 "subjects": subject,
             }
         )
@@ -224,6 +262,7 @@ def chart_rules() -> dict[str, Any]:
             "roleNamespace": spec.role_namespace,
             "clusterRules": [_rule_with_reason(r) for r in spec.cluster_rules],
             "namespaceRules": [_rule_with_reason(r) for r in spec.namespace_rules],
+            "connectorRules": [_rule_with_reason(r) for r in spec.connector_rules],
         }
         for component, spec in COMPONENTS.items()
     }

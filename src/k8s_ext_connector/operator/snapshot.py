@@ -14,6 +14,11 @@ from typing import Any
 from k8s_ext_connector.core.api import ExternalService, ExternalServiceSpec, ServiceRef
 from k8s_ext_connector.core.errors import ConfigError
 from k8s_ext_connector.core.fields import canonical_ip
+from k8s_ext_connector.core.gateway_status import (
+    UNSERVED_ANNOTATION,
+    decode_unserved,
+    node_of_lease,
+)
 from k8s_ext_connector.core.sidecar_identity import SIDECAR_CONTAINER as SIDECAR_CONTAINER
 from k8s_ext_connector.core.sidecar_identity import injected_sidecar
 
@@ -108,6 +113,22 @@ class ManagedConfigMap:
     data: tuple[tuple[str, str], ...]
     annotations: tuple[tuple[str, str], ...]
     labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class GatewayLeaseRecord:
+    """A gateway's report through its node's Lease (``core/gateway_status.py``)."""
+
+    node: str
+    held: bool  # a gateway runs on the node and reports (holderIdentity is the node)
+    renew_time: str
+    unserved: tuple[tuple[str, str], ...] = ()  # (sourceIP, reason): not served now
+    problem: str = ""  # why the report could not be read ("" when it could)
+
+    def unserved_reason(self, source_ip: str) -> str | None:
+        """Why the gateway does not serve ``source_ip`` (None: it does, or it reports
+        nothing: a released Lease belongs to a gateway that stopped cleanly)."""
+        return dict(self.unserved).get(source_ip) if self.held else None
 
 
 def _meta(body: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -230,6 +251,26 @@ def configmap_record(body: Mapping[str, Any]) -> ManagedConfigMap:
         data=_pairs(body.get("data")),
         annotations=_pairs(meta.get("annotations")),
         labels=_pairs(meta.get("labels")),
+    )
+
+
+def gateway_lease_record(body: Mapping[str, Any]) -> GatewayLeaseRecord | None:
+    """The report in a gateway Lease; None for a Lease that is not a gateway's."""
+    meta = _meta(body)
+    node = node_of_lease(str(meta.get("name", "")))
+    if node is None:
+        return None
+    spec = body.get("spec") or {}
+    spec = spec if isinstance(spec, Mapping) else {}
+    annotations = meta.get("annotations") or {}
+    annotations = annotations if isinstance(annotations, Mapping) else {}
+    unserved, problem = decode_unserved(annotations.get(UNSERVED_ANNOTATION))
+    return GatewayLeaseRecord(
+        node=node,
+        held=spec.get("holderIdentity") == node,
+        renew_time=str(spec.get("renewTime") or ""),
+        unserved=tuple(sorted(unserved.items())),
+        problem=problem,
     )
 
 
