@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/.tools/bin:$(PATH)
 .PHONY: install lab test unit netns lint bench golden clean
 
 install: .install-stamp
-.install-stamp: pyproject.toml scripts/install.sh
+.install-stamp: pyproject.toml scripts/install.sh scripts/kube-binaries.sh
 	bash scripts/install.sh
 	touch $@
 
