@@ -251,16 +251,15 @@ class ControlPlane:
         self._say(f"control plane up in {self.startup_seconds:.1f}s at {self.server}")
 
     def close(self) -> None:
-        """Kill every process (SIGTERM, then SIGKILL after a grace), remove the directory."""
+        """Stop every process, last started first (SIGTERM, SIGKILL after a grace), then
+        remove the directory. In that order each stops at once: an API server whose
+        controllers still watch it, or an etcd whose API server still talks to it, lingers."""
         self._restore_sigterm()  # a second SIGTERM now ends us; pdeathsig and the sweep clean up
-        for process in self._processes:
+        for process in reversed(self._processes):
             if process.popen.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.popen.terminate()
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
-        for process in self._processes:
+                process.popen.terminate()
             try:
-                process.popen.wait(max(0.0, deadline - time.monotonic()))
+                process.popen.wait(STOP_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
                 process.popen.kill()
                 process.popen.wait()

@@ -127,9 +127,8 @@ def test_service_account_token_gets_what_rbac_grants_and_a_real_403(
     )  # fmt: skip
     kubeconfig = cp.service_account_kubeconfig("rbac", "reader")
     assert "token:" in kubeconfig.read_text()
-    assert cp.kubectl("auth", "whoami", "-o", "json", kubeconfig=kubeconfig).stdout.count(
-        "system:serviceaccount:rbac:reader"
-    )
+    whoami = json.loads(cp.kubectl("auth", "whoami", "-o", "json", kubeconfig=kubeconfig).stdout)
+    assert whoami["status"]["userInfo"]["username"] == "system:serviceaccount:rbac:reader"
     cp.kubectl("get", "pods", "-n", "rbac", kubeconfig=kubeconfig)  # allowed
     denied = cp.kubectl("get", "secrets", "-n", "rbac", kubeconfig=kubeconfig, check=False)
     assert denied.returncode == 1
