@@ -3,10 +3,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: install lab test unit netns lint bench golden clean
+.PHONY: install lab test unit netns kube lint bench golden clean
 
 install: .install-stamp
-.install-stamp: pyproject.toml scripts/install.sh
+.install-stamp: pyproject.toml scripts/install.sh scripts/kube-binaries.sh
 	bash scripts/install.sh
 	touch $@
 
@@ -21,6 +21,9 @@ unit: install
 
 netns: install
 	$(BIN)/pytest tests/netns
+
+kube: install           ## the upstream control plane (binaries built by make install)
+	$(BIN)/pytest tests/kube
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the project needs on Debian/Ubuntu: system tools for the data plane and
 # its tests (iptables, iproute2, OpenSSH for the benchmark baseline), then the package and
-# its dev tools into .venv. Idempotent; run as root (apt) or with the tools already present.
+# its dev tools into .venv, then the upstream Kubernetes binaries (scripts/kube-binaries.sh).
+# Idempotent; run as root (apt) or with the tools already present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,4 +40,9 @@ fi
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[dev]'
+
+# Upstream Kubernetes (kube-apiserver, -controller-manager, -scheduler, kubectl, etcd) for the
+# control-plane tests, built with Go into .tools/kubebuilder-envtest/ (docs/kubernetes.md):
+# minutes when cold, nothing once built or when KUBEBUILDER_ASSETS names a directory.
+bash scripts/kube-binaries.sh >/dev/null
 echo "install: done (.venv/bin/k8s-ext-connector)"

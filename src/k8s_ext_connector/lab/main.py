@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from k8s_ext_connector.lab.session import (
     seed_manifest,
     table,
 )
+from k8s_ext_connector.lab.tools import LAB_TOOLS, missing_message, missing_tools
 
 PROG = "k8s-ext-connector lab"
 UP_TIMEOUT = 90.0
@@ -107,9 +109,23 @@ def _error(text: str) -> int:
     return 1
 
 
+def _tool_found(command: str) -> bool:
+    if command == "kubectl":  # the lab also takes the one `make install` put in .tools/bin
+        try:
+            kubectl_binary()
+        except LabError:
+            return False
+        return True
+    return shutil.which(command) is not None
+
+
 def run(args: argparse.Namespace) -> int:
     command = args.lab_command or "run"
     state_dir = Path(args.state_dir)
+    if command in ("run", "up", "supervise"):
+        missing = missing_message(missing_tools(LAB_TOOLS, _tool_found))
+        if missing:
+            return _error(f"{missing}; nothing was started")
     if not is_root():
         return _error("needs root (network namespaces, iptables)")
     if command == "status":
