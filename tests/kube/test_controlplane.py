@@ -57,7 +57,9 @@ def test_crd_installs_and_the_seed_manifest_applies_unchanged(control_plane: Con
     applied = control_plane.kubectl("apply", "-f", "-", input_text=SEED_MANIFEST)
     assert "externalservice.submariner.io/my-externalservice created" in applied.stdout
     table = control_plane.kubectl("get", "externalservices").stdout.splitlines()
-    assert table[0].split() == ["NAME", "TARGET", "SOURCES", "READY", "AGE"]
+    assert table[0].split() == [
+        "NAME", "TARGET", "SOURCES", "READY", "GENERATION", "OBSERVED", "AGE"
+    ]  # fmt: skip
     assert table[1].split()[:2] == ["my-externalservice", "192.168.122.139"]
 
 
