@@ -125,10 +125,14 @@ mkdir -p "$out"
    k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl)
 (cd "$build/etcd" && go mod tidy && go build -trimpath -ldflags "-s -w" -o "$out/etcd" .)
 
-"$out/kubectl" version --client | grep -q "$KUBE_VERSION" \
-  || { echo "kube-binaries: built kubectl does not report $KUBE_VERSION" >&2; exit 1; }
-"$out/etcd" --version | grep -q "${ETCD_VERSION#v}" \
-  || { echo "kube-binaries: built etcd does not report $ETCD_VERSION" >&2; exit 1; }
+# Output captured first: `cmd | grep -q` under pipefail fails at random when grep exits
+# before the command has written everything (SIGPIPE).
+kubectl_says="$("$out/kubectl" version --client 2>&1)"
+[[ "$kubectl_says" == *"$KUBE_VERSION"* ]] \
+  || { echo "kube-binaries: built kubectl does not report $KUBE_VERSION: $kubectl_says" >&2; exit 1; }
+etcd_says="$("$out/etcd" --version 2>&1)"
+[[ "$etcd_says" == *"${ETCD_VERSION#v}"* ]] \
+  || { echo "kube-binaries: built etcd does not report $ETCD_VERSION: $etcd_says" >&2; exit 1; }
 
 mkdir -p "$dir"
 for b in "${BINARIES[@]}"; do install -m 0755 "$out/$b" "$dir/$b"; done
