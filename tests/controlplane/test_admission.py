@@ -562,3 +562,59 @@ def test_the_write_guard_refuses_the_operators_writes_to_objects_it_does_not_own
     assert status == 403
     assert 'cannot list resource "secrets"' in message
     assert cluster.net.get(f"/api/v1/namespaces/{ns}/configmaps/users") is not None
+
+
+def test_pod_security_baseline_and_restricted_refuse_injected_pods_naming_the_sidecar(
+    cluster: Cluster, tenant: Tenant
+) -> None:
+    """Pod Security runs after the webhooks, on the injected pod: at baseline or restricted
+    a selected pod is refused, and the message names the injected container and the two
+    capabilities (docs/injection.md "Pod Security" has the fix: privileged for that
+    namespace). A pod no ExternalService selects is not injected and still admitted."""
+    apply_seed(cluster, tenant)
+    ns = tenant.labelled
+    cluster.kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=baseline")
+    assert sidecars(cluster.run_pod(ns, "unselected", labels="app=other")) == []
+    refused = cluster.net.kubectl(
+        "run", "selected", "-n", ns, "--image=busybox", "--labels=app=my-app"
+    )
+    assert refused.returncode == 1
+    assert (
+        'pods "selected" is forbidden: violates PodSecurity "baseline:latest": non-default'
+        ' capabilities (container "ext-connector" must not include "NET_ADMIN", "NET_RAW" in'
+        " securityContext.capabilities.add)"
+    ) in refused.stderr
+    # At restricted, a Deployment's pods are refused to the ReplicaSet controller: the
+    # reason is on the ReplicaSet (condition ReplicaFailure) and in its events.
+    cluster.kubectl(
+        "label", "namespace", ns, "--overwrite", "pod-security.kubernetes.io/enforce=restricted"
+    )
+    restricted_app = deployment(ns, "web", {"app": "my-app"})
+    restricted_app["spec"]["template"]["spec"]["securityContext"] = {
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    restricted_app["spec"]["template"]["spec"]["containers"][0]["securityContext"] = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    cluster.apply(restricted_app)
+
+    def failure() -> str | None:
+        items = (cluster.net.get(f"/apis/apps/v1/namespaces/{ns}/replicasets") or {}).get(
+            "items"
+        ) or []
+        for replicaset in items:
+            for condition in replicaset.get("status", {}).get("conditions") or []:
+                if condition["type"] == "ReplicaFailure":
+                    return str(condition["message"])
+        return None
+
+    message = wait_for(failure, timeout=60, interval=0.2, what="the ReplicaSet's failure")
+    assert 'violates PodSecurity "restricted:latest"' in message
+    assert 'container "ext-connector" must not include "NET_ADMIN", "NET_RAW"' in message
+    assert 'container "ext-connector" must not set securityContext.runAsNonRoot=false' in message
+    assert 'container "ext-connector" must not set runAsUser=0' in message
+    pods = cluster.net.get(f"/api/v1/namespaces/{ns}/pods?labelSelector=app%3Dmy-app")
+    assert pods is not None
+    assert pods["items"] == []
