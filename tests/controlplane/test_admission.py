@@ -1,82 +1,79 @@
-"""The real webhook behind the emulated API server, as a cluster would run it.
+"""The real webhook behind the upstream API server, as a cluster runs it.
 
-The emulator stores MutatingWebhookConfigurations but does not call webhooks; the harness
-``emulator.admission.webhook_admission`` makes the admission call the real API server
-would make (AdmissionReview over HTTPS, server verified with the configuration's
-caBundle and the Service's DNS name, JSON patch applied). Everything else is real: the
-chart's MutatingWebhookConfiguration, ``k8s-ext-connector webhook``'s ``serve`` (its watch
-cache lists and watches the emulator through KubeClient), and kubectl as the user.
+One control plane per module, inside a test network namespace (realcluster.py): the chart
+is installed with ``helm install`` (OpenAPI validation on), the chart's ``certs sync``
+issues the serving pair and writes the caBundle with the certs ServiceAccount's token, and
+``k8s-ext-connector webhook``'s ``serve`` runs on a thread in that namespace with the
+webhook ServiceAccount's token, reached through the chart's Service and an EndpointSlice.
+The API server itself calls it (TLS verified with that caBundle for the Service's DNS
+name), applies the patch, then runs its own validation and Pod Security on the result.
+Each test has its own namespaces.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
+import itertools
 import json
+import socket
 import ssl
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from aiohttp import web
 
-from k8s_ext_connector.certs.tls import Issued, issue_serving_cert, write_pair
-from k8s_ext_connector.emulator import ApiServer, admission
-from k8s_ext_connector.emulator.admission import webhook_admission
-from k8s_ext_connector.emulator.clients import run_kubectl
+from k8s_ext_connector.lab.netns import call_in_netns
 from k8s_ext_connector.operator import rbac
 from k8s_ext_connector.operator.snapshot import SIDECAR_CONTAINER
 from k8s_ext_connector.webhook.inject import InjectionSettings
 from k8s_ext_connector.webhook.main import WebhookCommand, serve
 from k8s_ext_connector.webhook.server import WebhookServer
+from tests.chart.helm import RELEASE_NAMESPACE
+from tests.controlplane.realcluster import (
+    FULLNAME,
+    WEBHOOK_IP,
+    WEBHOOK_SERVICE,
+    NetnsCluster,
+    netns_cluster,
+)
 from tests.polling import wait_for
 from tests.unit.samples import SEED_MANIFEST
-from tests.webhook.harness import (
-    NAMESPACE,
-    SERVICE,
-    LoopThread,
-    https,
-    loop_thread,
-    new_ca,
-    write_serving_pair,
-)
+from tests.webhook.harness import LoopThread
 
-CHART = Path(__file__).parents[2] / "charts" / "k8s-ext-connector"
-CRD = CHART / "crds" / "externalservices.submariner.io.yaml"
-CONFIGURATION = CHART / "files" / "mutatingwebhookconfiguration.yaml"
+pytestmark = [pytest.mark.kube, pytest.mark.root, pytest.mark.timeout(300)]
 IMAGE = "registry.example/k8s-ext-connector:test"
+INJECTION = {"external-service-injection": "enabled"}
+INJECTED = "ext-connector.submariner.io/injected"
+REQUESTS_METRIC = "k8s_ext_connector_webhook_admission_requests_total"
+Obj = dict[str, Any]
+_tenants = itertools.count()
 
 
 @dataclass
 class Cluster:
-    api: ApiServer
-    kubeconfig: Path
-    ca: Issued
+    net: NetnsCluster
+    ca: bytes  # the caBundle `certs sync` wrote
     loop: LoopThread
     server: WebhookServer | None = None
     stop: asyncio.Event | None = None
     serving: Any = None
+    own_namespace_sources: bool = False
 
     def kubectl(self, *args: str, stdin: str | None = None) -> str:
-        result = run_kubectl(self.kubeconfig, args, stdin)
-        assert result.returncode == 0, f"kubectl {' '.join(args)}: {result.stderr}"
-        return result.stdout
+        return self.net.ok(*args, stdin=stdin)
 
-    def apply(self, obj: dict[str, Any]) -> None:
-        self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(obj))
+    def apply(self, obj: Obj) -> None:
+        self.net.apply(obj)
 
-    def pod(self, namespace: str, name: str) -> dict[str, Any]:
-        pod = self.api.get_object("", "v1", "pods", namespace, name)
+    def pod(self, namespace: str, name: str) -> Obj:
+        pod = self.net.get(f"/api/v1/namespaces/{namespace}/pods/{name}")
         assert pod is not None, f"pod {namespace}/{name} was not stored"
         return pod
 
-    def run_pod(self, namespace: str, name: str, labels: str = "app=my-app") -> dict[str, Any]:
+    def run_pod(self, namespace: str, name: str, labels: str = "app=my-app") -> Obj:
         self.kubectl("run", name, "-n", namespace, "--image=busybox", f"--labels={labels}")
         return self.pod(namespace, name)
 
@@ -87,8 +84,147 @@ class Cluster:
         pod = {"metadata": {"namespace": namespace, "labels": labels}}
         return bool(self.loop.call(lambda: index.sources_for(pod)))
 
+    def https_get(self, path: str) -> bytes:
+        """GET over TLS at the webhook's endpoint, verified as the API server verifies it:
+        the caBundle and the Service's DNS name."""
+        assert self.server is not None
+        port = self.server.port
+        context = ssl.create_default_context(cadata=self.ca.decode())
 
-def sidecars(pod: dict[str, Any]) -> list[dict[str, Any]]:
+        def call() -> bytes:
+            with (
+                socket.create_connection((WEBHOOK_IP, port), timeout=5) as raw,
+                context.wrap_socket(
+                    raw, server_hostname=f"{WEBHOOK_SERVICE}.{RELEASE_NAMESPACE}.svc"
+                ) as tls,
+            ):
+                tls.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                chunks = []
+                while chunk := tls.recv(65536):
+                    chunks.append(chunk)
+                return b"".join(chunks)
+
+        return call_in_netns(self.net.netns, call)
+
+    def reviews(self) -> int:
+        """AdmissionReviews the webhook has answered (its own metric)."""
+        body = self.https_get("/metrics").decode()
+        return sum(
+            int(float(line.rsplit(" ", 1)[1]))
+            for line in body.splitlines()
+            if line.startswith(REQUESTS_METRIC + "{")
+        )
+
+    def start_webhook(self, own_namespace_sources: bool = False) -> None:
+        command = WebhookCommand(
+            tls_dir=self.net.workdir / "tls",
+            host=WEBHOOK_IP,
+            port=0,  # any free port (the flag itself insists on 1-65535)
+            kubeconfig=str(self.net.service_account("webhook")),
+            injection=InjectionSettings(image=IMAGE),
+            drain_seconds=0,
+            log_level="info",
+            own_namespace_sources=own_namespace_sources,
+        )
+        started: list[WebhookServer] = []
+        self.stop = self.loop.call(asyncio.Event)
+        self.serving = asyncio.run_coroutine_threadsafe(
+            serve(command, self.stop, started.append), self.loop.loop
+        )
+        wait_for(lambda: started, what="the webhook to listen")
+        self.server = started[0]
+        self.own_namespace_sources = own_namespace_sources
+        self.net.point_webhook_service_at(self.server.port)
+        wait_for(
+            lambda: self.https_get("/readyz").startswith(b"HTTP/1.1 200"),
+            timeout=30,
+            what="the webhook to be ready (cache synced under its own token)",
+        )
+        # The API server learns the endpoint (and the caBundle) through its informers:
+        # a server-side dry run in an opted-in namespace reaches the webhook once it has.
+        before = self.reviews()
+
+        def called() -> bool:
+            self.net.kubectl(
+                "run", "probe", "-n", "webhook-probe", "--image=busybox", "--dry-run=server"
+            )
+            return self.reviews() > before
+
+        wait_for(called, timeout=30, interval=0.2, what="the API server calling the webhook")
+
+    def stop_webhook(self) -> None:
+        if self.stop is not None and self.serving is not None:
+            self.loop.loop.call_soon_threadsafe(self.stop.set)
+            self.serving.result(10)
+        self.stop = self.serving = self.server = None
+
+
+@pytest.fixture(scope="module")
+def installed() -> Iterator[Cluster]:
+    with netns_cluster("adm") as net:
+        net.install()
+        ca = net.certs_sync_once()
+        net.write_serving_pair(net.workdir / "tls")
+        net.namespace("webhook-probe", INJECTION)
+        # A loop thread started from a thread in the namespace is in it too (and so is
+        # every socket the webhook opens: its listener and its watches).
+        loop = call_in_netns(net.netns, LoopThread)
+        cluster = Cluster(net, ca, loop)
+        try:
+            yield cluster
+        finally:
+            cluster.stop_webhook()
+            loop.close()
+
+
+@pytest.fixture
+def cluster(installed: Cluster) -> Cluster:
+    """The module's cluster with the webhook serving as the chart configures it."""
+    if installed.server is None or installed.own_namespace_sources:
+        installed.stop_webhook()
+        installed.start_webhook()
+    return installed
+
+
+@dataclass
+class Tenant:
+    """An opted-in namespace and a plain one, each with a source Service selecting
+    app=my-app, and a third for the ExternalService: the seed's ns1, ns2 and default."""
+
+    labelled: str
+    plain: str
+    home: str
+
+    def seed(self) -> str:
+        return SEED_MANIFEST.replace("namespace: ns1", f"namespace: {self.labelled}").replace(
+            "namespace: ns2", f"namespace: {self.plain}"
+        )
+
+
+@pytest.fixture
+def tenant(cluster: Cluster) -> Iterator[Tenant]:
+    n = next(_tenants)
+    t = Tenant(f"t{n}-ns1", f"t{n}-ns2", f"t{n}-home")
+    cluster.net.namespace(t.labelled, INJECTION)
+    cluster.net.namespace(t.plain)
+    cluster.net.namespace(t.home)
+    for ns, name in ((t.labelled, "my-service1"), (t.plain, "my-service2")):
+        cluster.apply(service(ns, name, {"app": "my-app"}))
+    yield t
+    for ns in (t.labelled, t.plain, t.home):
+        cluster.net.kubectl("delete", "namespace", ns, "--wait=false")
+
+
+def service(namespace: str, name: str, selector: dict[str, str]) -> Obj:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"selector": selector, "ports": [{"port": 80}]},
+    }
+
+
+def sidecars(pod: Obj) -> list[Obj]:
     spec = pod["spec"]
     return [
         c
@@ -97,85 +233,19 @@ def sidecars(pod: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def start_webhook(cluster: Cluster, tls_dir: Path, own_namespace_sources: bool = False) -> None:
-    command = WebhookCommand(
-        tls_dir=tls_dir,
-        host="127.0.0.1",
-        port=0,  # any free port (the flag itself insists on 1-65535)
-        kubeconfig=str(cluster.kubeconfig),
-        injection=InjectionSettings(image=IMAGE),
-        drain_seconds=0,
-        log_level="info",
-        own_namespace_sources=own_namespace_sources,
-    )
-    started: list[WebhookServer] = []
-    cluster.stop = cluster.loop.call(asyncio.Event)
-    cluster.serving = asyncio.run_coroutine_threadsafe(
-        serve(command, cluster.stop, started.append), cluster.loop.loop
-    )
-    wait_for(lambda: started, what="the webhook to listen")
-    cluster.server = started[0]
-    port = started[0].port
-    url = f"https://127.0.0.1:{port}"
-    cluster.api.admission_hook = webhook_admission(cluster.api, {(NAMESPACE, SERVICE): url})
-    wait_for(
-        lambda: https(port, cluster.ca, "GET", "/readyz").status == 200,
-        what="the webhook to be ready (cache synced)",
-    )
+def apply_seed(cluster: Cluster, tenant: Tenant) -> None:
+    cluster.kubectl("apply", "-n", tenant.home, "-f", "-", stdin=tenant.seed())
+    wait_for(lambda: cluster.sees(tenant.labelled, {"app": "my-app"}), what="the ExternalService")
 
 
-def stop_webhook(cluster: Cluster) -> None:
-    if cluster.stop is not None and cluster.serving is not None:
-        cluster.loop.loop.call_soon_threadsafe(cluster.stop.set)
-        cluster.serving.result(10)
-        cluster.stop = cluster.serving = None
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    """The emulator with the CRD, an opted-in namespace ns1 and a plain one ns2 (each with a
-    source Service selecting app=my-app), the chart's webhook configuration with its
-    caBundle, and the webhook serving."""
-    api = ApiServer()
-    ca = new_ca("webhook-ca")
-    tls_dir = tmp_path / "tls"
-    write_serving_pair(tls_dir, ca)
-    with api.run_in_thread(), loop_thread() as loop:
-        c = Cluster(api, api.write_kubeconfig(tmp_path / "kubeconfig"), ca, loop)
-        c.kubectl("apply", "-f", str(CRD))
-        for ns in ("external-services", "ns1", "ns2"):
-            c.kubectl("create", "ns", ns)
-        c.kubectl("label", "ns", "ns1", "external-service-injection=enabled")
-        for ns, name in (("ns1", "my-service1"), ("ns2", "my-service2")):
-            c.apply(
-                {
-                    "apiVersion": "v1",
-                    "kind": "Service",
-                    "metadata": {"name": name, "namespace": ns},
-                    "spec": {"selector": {"app": "my-app"}, "ports": [{"port": 80}]},
-                }
-            )
-        configuration = yaml.safe_load(CONFIGURATION.read_text())
-        configuration["webhooks"][0]["clientConfig"]["caBundle"] = base64.b64encode(
-            ca.cert_pem
-        ).decode()
-        c.apply(configuration)
-        start_webhook(c, tls_dir)
-        try:
-            yield c
-        finally:
-            stop_webhook(c)
-
-
-def test_pod_in_labelled_namespace_gets_the_sidecar(cluster: Cluster) -> None:
-    cluster.kubectl("apply", "-f", "-", stdin=SEED_MANIFEST)
-    wait_for(lambda: cluster.sees("ns1", {"app": "my-app"}), what="the ExternalService")
-    pod = cluster.run_pod("ns1", "my-pod")
+def test_pod_in_labelled_namespace_gets_the_sidecar(cluster: Cluster, tenant: Tenant) -> None:
+    apply_seed(cluster, tenant)
+    pod = cluster.run_pod(tenant.labelled, "my-pod")
     (sidecar,) = sidecars(pod)
     assert pod["spec"]["initContainers"][0]["name"] == SIDECAR_CONTAINER
     assert sidecar["restartPolicy"] == "Always"
     assert sidecar["image"] == IMAGE
-    assert pod["metadata"]["annotations"]["ext-connector.submariner.io/injected"] == "my-service1"
+    assert pod["metadata"]["annotations"][INJECTED] == "my-service1"
     assert {v["name"] for v in pod["spec"]["volumes"]} >= {
         "ext-connector-config",
         "ext-connector-key",
@@ -183,354 +253,368 @@ def test_pod_in_labelled_namespace_gets_the_sidecar(cluster: Cluster) -> None:
     assert pod["spec"]["containers"][0]["name"] == "my-pod"  # the app, untouched
 
 
-def test_unlabelled_namespace_is_not_injected(cluster: Cluster) -> None:
-    cluster.kubectl("apply", "-f", "-", stdin=SEED_MANIFEST)
-    wait_for(lambda: cluster.sees("ns2", {"app": "my-app"}), what="the ExternalService")
-    assert sidecars(cluster.run_pod("ns2", "my-pod")) == []
+def test_unlabelled_namespace_is_not_injected(cluster: Cluster, tenant: Tenant) -> None:
+    apply_seed(cluster, tenant)
+    wait_for(lambda: cluster.sees(tenant.plain, {"app": "my-app"}), what="the ExternalService")
+    assert sidecars(cluster.run_pod(tenant.plain, "my-pod")) == []
 
 
-def test_pods_no_source_selects_are_not_injected(cluster: Cluster) -> None:
-    assert sidecars(cluster.run_pod("ns1", "before-any-externalservice")) == []
-    cluster.kubectl("apply", "-f", "-", stdin=SEED_MANIFEST)
-    wait_for(lambda: cluster.sees("ns1", {"app": "my-app"}), what="the ExternalService")
-    assert sidecars(cluster.run_pod("ns1", "other-app", labels="app=other")) == []
-    assert len(sidecars(cluster.run_pod("ns1", "now-selected"))) == 1
+def test_pods_no_source_selects_are_not_injected(cluster: Cluster, tenant: Tenant) -> None:
+    assert sidecars(cluster.run_pod(tenant.labelled, "before-any-externalservice")) == []
+    apply_seed(cluster, tenant)
+    assert sidecars(cluster.run_pod(tenant.labelled, "other-app", labels="app=other")) == []
+    assert len(sidecars(cluster.run_pod(tenant.labelled, "now-selected"))) == 1
+
+
+def deployment(namespace: str, name: str, labels: dict[str, str]) -> Obj:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1"}]},
+            },
+        },
+    }
+
+
+def deployment_pod(cluster: Cluster, namespace: str) -> Obj:
+    """The one Pod the controllers made for the namespace's Deployment."""
+
+    def made() -> Obj | None:
+        items = (cluster.net.get(f"/api/v1/namespaces/{namespace}/pods") or {}).get("items")
+        return items[0] if items else None
+
+    pod = wait_for(made, timeout=60, interval=0.2, what=f"the Deployment's pod in {namespace}")
+    assert pod["metadata"]["ownerReferences"][0]["kind"] == "ReplicaSet"
+    return pod
+
+
+def test_a_deployments_pods_come_out_injected_in_a_labelled_namespace_only(
+    cluster: Cluster, tenant: Tenant
+) -> None:
+    """Deployment -> ReplicaSet -> Pod by the real controllers; the API server calls the
+    webhook over TLS with the caBundle certs sync wrote and stores the patched pod only
+    after its own validation passed."""
+    apply_seed(cluster, tenant)
+    for namespace in (tenant.labelled, tenant.plain):
+        cluster.apply(deployment(namespace, "web", {"app": "my-app"}))
+    injected = deployment_pod(cluster, tenant.labelled)
+    (sidecar,) = sidecars(injected)
+    assert injected["metadata"]["annotations"][INJECTED] == "my-service1"
+    assert sidecar["securityContext"]["capabilities"]["add"] == ["NET_ADMIN", "NET_RAW"]
+    # Defaulted by the server after the patch, as for any container it validates, and
+    # given the pod's ServiceAccount token by the ServiceAccount plugin (reinvoked).
+    assert sidecar["terminationMessagePolicy"] == "File"
+    assert "/var/run/secrets/kubernetes.io/serviceaccount" in {
+        m["mountPath"] for m in sidecar["volumeMounts"]
+    }
+    untouched = deployment_pod(cluster, tenant.plain)
+    assert sidecars(untouched) == []
+    assert INJECTED not in (untouched["metadata"].get("annotations") or {})
+    # The caBundle the API server verified the webhook with is still the one certs sync wrote.
+    path = f"/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{FULLNAME}"
+    configuration = cluster.net.get(path)
+    assert configuration is not None
+    bundle = configuration["webhooks"][0]["clientConfig"]["caBundle"]
+    assert bundle == base64.b64encode(cluster.ca).decode()
 
 
 def one_source_es(
-    name: str, namespace: str, target: str, service: str, source_ip: str
-) -> dict[str, Any]:
-    """An ExternalService with one source (a Service of ns1) and port 5432."""
+    name: str, namespace: str, target: str, source: tuple[str, str], source_ip: str
+) -> Obj:
+    """An ExternalService with one source Service and port 5432."""
     return {
         "apiVersion": "submariner.io/v1alpha1",
         "kind": "ExternalService",
         "metadata": {"name": name, "namespace": namespace},
         "spec": {
             "targetIP": target,
-            "sources": [{"service": {"namespace": "ns1", "name": service}, "sourceIP": source_ip}],
+            "sources": [
+                {"service": {"namespace": source[0], "name": source[1]}, "sourceIP": source_ip}
+            ],
             "ports": [{"protocol": "TCP", "port": 5432}],
         },
     }
 
 
 def test_a_refused_externalservice_never_injects_another_tenants_pods(
-    cluster: Cluster, tmp_path: Path
+    cluster: Cluster, tenant: Tenant
 ) -> None:
-    """Issue 18 item 1: ns3 names ns1's Service with targetIP 127.0.0.1, in a cluster whose
-    operator and webhook run with --own-namespace-sources. The victim's pod starts without
-    a patch; the refusal the operator records (here NodeAddress, which only it can judge)
-    stops injection too; a valid ExternalService next to them still injects."""
-    stop_webhook(cluster)
-    start_webhook(cluster, tmp_path / "tls", own_namespace_sources=True)
-    cluster.kubectl("create", "ns", "ns3")
-    cluster.apply(one_source_es("attack", "ns3", "127.0.0.1", "my-service1", "203.0.113.9"))
+    """Issue 18 item 1: another tenant's ExternalService names the victim's Service, in a
+    cluster whose operator and webhook run with --own-namespace-sources. The victim's pod
+    starts without a patch; the refusal the operator records (here NodeAddress, which only
+    it can judge) stops injection too; a valid ExternalService next to them still injects.
+
+    On the real server the CRD already refuses the emulator-era attack (targetIP
+    127.0.0.1) at apply; the attacker's ExternalService here is valid to the schema and
+    refused only by the own-namespace rule."""
+    cluster.stop_webhook()
+    cluster.start_webhook(own_namespace_sources=True)
+    victim_ns, attacker_ns = tenant.labelled, tenant.home
+    victim_service = (victim_ns, "my-service1")
+    loopback = cluster.net.kubectl(
+        "apply", "-f", "-",
+        stdin=yaml.safe_dump(
+            one_source_es("loopback", attacker_ns, "127.0.0.1", victim_service, "203.0.113.9")
+        ),
+    )  # fmt: skip
+    assert loopback.returncode != 0
+    assert "spec.targetIP: Invalid value" in loopback.stderr
+    assert "targetIP 127.0.0.1 is a reserved address" in loopback.stderr
+    cluster.apply(
+        one_source_es("attack", attacker_ns, "203.0.113.10", victim_service, "203.0.113.9")
+    )
     # Refused by the operator for NodeAddress (recorded for this generation).
     cluster.apply(
-        one_source_es("node-address", "ns1", "203.0.113.10", "my-service1", "203.0.113.1")
+        one_source_es("node-address", victim_ns, "203.0.113.10", victim_service, "203.0.113.1")
     )
-    stored = cluster.api.get_object(
-        "submariner.io", "v1alpha1", "externalservices", "ns1", "node-address"
+    stored = cluster.net.get(
+        f"/apis/submariner.io/v1alpha1/namespaces/{victim_ns}/externalservices/node-address"
     )
     assert stored is not None
+    generation = stored["metadata"]["generation"]
     refusal = {
         "status": {
-            "observedGeneration": stored["metadata"]["generation"],
+            "observedGeneration": generation,
             "conditions": [
                 {
                     "type": "Accepted",
                     "status": "False",
                     "reason": "NodeAddress",
                     "message": "spec.sources[0].sourceIP: 203.0.113.1 is an address of node n1",
-                    "observedGeneration": stored["metadata"]["generation"],
+                    "observedGeneration": generation,
+                    "lastTransitionTime": "2025-01-01T00:00:00Z",
                 }
             ],
         }
     }
     cluster.kubectl(
-        "patch", "externalservice", "node-address", "-n", "ns1", "--subresource=status",
+        "patch", "externalservice", "node-address", "-n", victim_ns, "--subresource=status",
         "--type=merge", "-p", json.dumps(refusal),
     )  # fmt: skip
     # A valid one for another Service, applied last: once the webhook sees it, it has seen
     # (and refused) the two before it, as watch events arrive in order.
+    cluster.apply(service(victim_ns, "fine", {"app": "fine"}))
     cluster.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": "fine", "namespace": "ns1"},
-            "spec": {"selector": {"app": "fine"}, "ports": [{"port": 80}]},
-        }
+        one_source_es("valid", victim_ns, "203.0.113.10", (victim_ns, "fine"), "203.0.113.7")
     )
-    cluster.apply(one_source_es("valid", "ns1", "203.0.113.10", "fine", "203.0.113.7"))
-    wait_for(lambda: cluster.sees("ns1", {"app": "fine"}), what="the valid ExternalService")
-    assert not cluster.sees("ns1", {"app": "my-app"})
-    victim = cluster.run_pod("ns1", "victim")
+    wait_for(lambda: cluster.sees(victim_ns, {"app": "fine"}), what="the valid ExternalService")
+    assert not cluster.sees(victim_ns, {"app": "my-app"})
+    victim = cluster.run_pod(victim_ns, "victim")
     assert sidecars(victim) == []
-    assert "ext-connector.submariner.io/injected" not in (
-        victim["metadata"].get("annotations") or {}
-    )
-    assert not any(
-        "ext-connector" in v["name"] for v in victim["spec"].get("volumes") or []
-    )
-    assert len(sidecars(cluster.run_pod("ns1", "fine-pod", labels="app=fine"))) == 1
+    assert INJECTED not in (victim["metadata"].get("annotations") or {})
+    assert not any("ext-connector" in v["name"] for v in victim["spec"].get("volumes") or [])
+    assert len(sidecars(cluster.run_pod(victim_ns, "fine-pod", labels="app=fine"))) == 1
 
 
-def test_deleted_externalservice_stops_injection(cluster: Cluster) -> None:
-    cluster.kubectl("apply", "-f", "-", stdin=SEED_MANIFEST)
-    wait_for(lambda: cluster.sees("ns1", {"app": "my-app"}), what="the ExternalService")
-    cluster.kubectl("delete", "externalservice", "my-externalservice")
-    wait_for(lambda: not cluster.sees("ns1", {"app": "my-app"}), what="the deletion")
-    assert sidecars(cluster.run_pod("ns1", "after-delete")) == []
+def test_deleted_externalservice_stops_injection(cluster: Cluster, tenant: Tenant) -> None:
+    apply_seed(cluster, tenant)
+    cluster.kubectl("delete", "externalservice", "my-externalservice", "-n", tenant.home)
+    wait_for(lambda: not cluster.sees(tenant.labelled, {"app": "my-app"}), what="the deletion")
+    assert sidecars(cluster.run_pod(tenant.labelled, "after-delete")) == []
 
 
-def test_webhook_down_pods_start_without_sidecar(cluster: Cluster) -> None:
-    """failurePolicy: Ignore: an outage never blocks pod creation."""
-    cluster.kubectl("apply", "-f", "-", stdin=SEED_MANIFEST)
-    wait_for(lambda: cluster.sees("ns1", {"app": "my-app"}), what="the ExternalService")
-    stop_webhook(cluster)
-    assert sidecars(cluster.run_pod("ns1", "during-outage")) == []
+def test_webhook_down_pods_start_without_sidecar(cluster: Cluster, tenant: Tenant) -> None:
+    """failurePolicy: Ignore: the API server cannot reach the webhook and admits the pod."""
+    apply_seed(cluster, tenant)
+    cluster.stop_webhook()
+    assert sidecars(cluster.run_pod(tenant.labelled, "during-outage")) == []
 
 
-def test_the_connectors_own_pods_are_never_sent(cluster: Cluster) -> None:
-    cluster.kubectl("apply", "-f", "-", stdin=SEED_MANIFEST)
-    wait_for(lambda: cluster.sees("ns1", {"app": "my-app"}), what="the ExternalService")
+def test_the_connectors_own_pods_are_never_sent(cluster: Cluster, tenant: Tenant) -> None:
+    """The configuration's objectSelector, evaluated by the API server: no review at all."""
+    apply_seed(cluster, tenant)
+    before = cluster.reviews()
     labels = "app=my-app,app.kubernetes.io/name=k8s-ext-connector"
-    assert sidecars(cluster.run_pod("ns1", "connector", labels=labels)) == []
+    assert sidecars(cluster.run_pod(tenant.labelled, "connector", labels=labels)) == []
+    assert cluster.reviews() == before
+    # An injected pod is reviewed twice: the ServiceAccount plugin mounts the token into
+    # the new container, and reinvocationPolicy IfNeeded calls the webhook again.
+    assert len(sidecars(cluster.run_pod(tenant.labelled, "not-ours"))) == 1
+    assert cluster.reviews() == before + 2
 
 
-# -- the harness itself: what the real API server does around a webhook ------------------
+# Granted to every authenticated user by the default ClusterRoles (system:basic-user ...).
+DEFAULT_GRANTS = {
+    ("authorization.k8s.io", "selfsubjectaccessreviews", "create"),
+    ("authorization.k8s.io", "selfsubjectrulesreviews", "create"),
+    ("authentication.k8s.io", "selfsubjectreviews", "create"),
+}
 
-Obj = dict[str, Any]
 
-
-def test_harness_selectors_and_rules() -> None:
-    assert admission._selects(None, {})
-    assert admission._selects({}, {"a": "b"})
-    assert admission._selects({"matchLabels": {"a": "b"}}, {"a": "b", "c": "d"})
-    assert not admission._selects({"matchLabels": {"a": "b"}}, {"a": "c"})
-    for operator, values, labels, expected in [
-        ("In", ["x", "y"], {"k": "y"}, True),
-        ("In", ["x"], {}, False),
-        ("NotIn", ["x"], {}, True),
-        ("NotIn", ["x"], {"k": "x"}, False),
-        ("Exists", [], {"k": ""}, True),
-        ("DoesNotExist", [], {"k": ""}, False),
-    ]:
-        selector = {"matchExpressions": [{"key": "k", "operator": operator, "values": values}]}
-        assert admission._selects(selector, labels) is expected, (operator, labels)
-    pods = {
-        "operations": ["CREATE"],
-        "apiGroups": [""],
-        "apiVersions": ["v1"],
-        "resources": ["pods"],
+def test_the_webhook_runs_under_its_own_token_with_exactly_the_charts_rules(
+    cluster: Cluster, tenant: Tenant
+) -> None:
+    """Its cache synced under the webhook ServiceAccount (the fixture waited for /readyz):
+    the rules suffice. The server's own view of what that token may do is the rendered
+    rules and nothing more, and a call outside them is a real 403."""
+    kubeconfig = cluster.net.service_account("webhook")
+    whoami = json.loads(cluster.net.ok("auth", "whoami", "-o", "json", kubeconfig=kubeconfig))
+    assert whoami["status"]["userInfo"]["username"] == (
+        f"system:serviceaccount:{RELEASE_NAMESPACE}:{FULLNAME}-webhook"
+    )
+    review = {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SelfSubjectRulesReview",
+        "spec": {"namespace": tenant.labelled},
     }
-    assert admission._covers_pod_create([pods])
-    assert admission._covers_pod_create([{**pods, "operations": ["*"], "resources": ["*/*"]}])
-    assert not admission._covers_pod_create([{**pods, "operations": ["UPDATE"]}])
-    assert not admission._covers_pod_create([{**pods, "resources": ["pods/status"]}])
-    assert not admission._covers_pod_create([{**pods, "scope": "Cluster"}])
-
-
-@dataclass
-class Scripted:
-    """A webhook on HTTPS answering ``answer(request)``; records what it was sent."""
-
-    port: int
-    seen: list[Obj]
-    runner: web.AppRunner
-
-
-@pytest.fixture
-def scripted(tmp_path: Path) -> Iterator[tuple[ApiServer, LoopThread, Issued, Any]]:
-    ca = new_ca()
-    names = [f"{service}.hooks.svc" for service in ("hook", "deny", "first", "second")]
-    write_pair(tmp_path / "tls", issue_serving_cert(ca, names, datetime.timedelta(hours=1)))
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(tmp_path / "tls" / "tls.crt", tmp_path / "tls" / "tls.key")
-    runners: list[web.AppRunner] = []
-
-    async def start(answer: Any) -> Scripted:
-        seen: list[Obj] = []
-
-        async def mutate(request: web.Request) -> web.Response:
-            body = await request.json()
-            seen.append(body["request"])
-            response = {"uid": body["request"]["uid"], "allowed": True, **answer(body["request"])}
-            return web.json_response(
-                {
-                    "apiVersion": "admission.k8s.io/v1",
-                    "kind": "AdmissionReview",
-                    "response": response,
-                }
-            )
-
-        app = web.Application()
-        app.router.add_post("/{tail:.*}", mutate)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context).start()
-        runners.append(runner)
-        return Scripted(int(runner.addresses[0][1]), seen, runner)
-
-    api = ApiServer()
-    with api.run_in_thread(), loop_thread() as loop:
-        yield api, loop, ca, start
-        for runner in runners:
-            loop.run(runner.cleanup())
-
-
-def configuration(name: str, ca: Issued | None, service: str = "hook", **webhook: Any) -> Obj:
-    client: Obj = {"service": {"namespace": "hooks", "name": service, "path": "/mutate"}}
-    if ca is not None:
-        client["caBundle"] = base64.b64encode(ca.cert_pem).decode()
-    return {
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": name},
-        "webhooks": [
-            {
-                "name": f"{name}.example.com",
-                "clientConfig": client,
-                "rules": [
-                    {
-                        "operations": ["CREATE"],
-                        "apiGroups": [""],
-                        "apiVersions": ["v1"],
-                        "resources": ["pods"],
-                    }
-                ],
-                "sideEffects": "None",
-                "admissionReviewVersions": ["v1"],
-                **webhook,
-            }
-        ],
-    }
-
-
-def create_pod(api: ApiServer, name: str = "p", labels: Obj | None = None) -> tuple[int, Obj]:
-    request = urllib.request.Request(
-        f"{api.url}/api/v1/namespaces/default/pods",
-        data=json.dumps(
-            {
-                "metadata": {"name": name, "labels": labels or {}},
-                "spec": {"containers": [{"name": "app", "image": "busybox"}]},
-            }
-        ).encode(),
-        method="POST",
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=15) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
-def delete_configuration(api: ApiServer, name: str) -> None:
-    path = f"/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{name}"
-    request = urllib.request.Request(api.url + path, method="DELETE")
-    with urllib.request.urlopen(request, timeout=10) as response:
-        assert response.status == 200
-
-
-def json_patch(*ops: Obj) -> Obj:
-    return {"patchType": "JSONPatch", "patch": base64.b64encode(json.dumps(ops).encode()).decode()}
-
-
-def test_harness_sends_a_review_and_applies_the_patch(scripted: Any) -> None:
-    api, loop, ca, start = scripted
-    hook = loop.run(
-        start(lambda r: json_patch({"op": "add", "path": "/metadata/labels/x", "value": "1"}))
-    )
-    api.create_object(configuration("one", ca))
-    api.admission_hook = admission.webhook_admission(
-        api, {("hooks", "hook"): f"https://127.0.0.1:{hook.port}"}
-    )
-    status, pod = create_pod(api)
-    assert status == 201
-    assert pod["metadata"]["labels"] == {"x": "1"}
-    (request,) = hook.seen
-    assert request["operation"] == "CREATE"
-    assert request["namespace"] == "default"
-    assert request["kind"] == {"group": "", "version": "v1", "kind": "Pod"}
-    assert request["object"]["metadata"]["name"] == "p"
-
-
-def test_harness_denial_and_failure_policies(scripted: Any) -> None:
-    api, loop, ca, start = scripted
-    deny = loop.run(
-        start(lambda r: {"allowed": False, "status": {"code": 403, "message": "not today"}})
-    )
-    urls = {("hooks", "deny"): f"https://127.0.0.1:{deny.port}"}
-    api.admission_hook = admission.webhook_admission(api, urls)
-    api.create_object(configuration("deny", ca, service="deny"))
-    status, body = create_pod(api, "denied")
-    assert status == 403
-    assert 'admission webhook "deny.example.com" denied' in body["message"]
-    delete_configuration(api, "deny")
-    # a CA that did not sign the server's certificate: TLS fails like an outage
-    api.create_object(
-        configuration("wrong-ca", new_ca("other"), service="deny", failurePolicy="Fail")
-    )
-    status, body = create_pod(api, "untrusted")
-    assert status == 500
-    assert 'failed calling webhook "wrong-ca.example.com"' in body["message"]
-    delete_configuration(api, "wrong-ca")
-    api.create_object(
-        {
-            **configuration("gone", None, failurePolicy="Ignore"),
-            "webhooks": [
-                {
-                    **configuration("gone", None)["webhooks"][0],
-                    "clientConfig": {"url": "https://127.0.0.1:9/mutate"},
-                    "failurePolicy": "Ignore",
-                }
-            ],
-        }
-    )
-    assert create_pod(api, "ignored")[0] == 201
-
-
-def test_harness_reinvokes_if_needed(scripted: Any) -> None:
-    api, loop, ca, start = scripted
-    first = loop.run(start(lambda r: {}))
-    second = loop.run(
-        start(
-            lambda r: (
-                json_patch({"op": "add", "path": "/metadata/labels/late", "value": "y"})
-                if "late" not in r["object"]["metadata"]["labels"]
-                else {}
-            )
+    answer = json.loads(
+        cluster.net.ok(
+            "create",
+            "--validate=false",
+            "-o",
+            "json",
+            "-f",
+            "-",
+            stdin=json.dumps(review),
+            kubeconfig=kubeconfig,
         )
     )
-    api.create_object(configuration("a-first", ca, service="first", reinvocationPolicy="IfNeeded"))
-    api.create_object(configuration("b-second", ca, service="second"))
-    api.admission_hook = admission.webhook_admission(
-        api,
-        {
-            ("hooks", "first"): f"https://127.0.0.1:{first.port}",
-            ("hooks", "second"): f"https://127.0.0.1:{second.port}",
-        },
-    )
-    status, pod = create_pod(api)
-    assert status == 201
-    assert pod["metadata"]["labels"] == {"late": "y"}
-    assert len(first.seen) == 2
-    assert len(second.seen) == 1
-    assert first.seen[1]["object"]["metadata"]["labels"] == {"late": "y"}
-
-
-def test_webhook_requests_match_its_rbac(cluster: Cluster) -> None:
-    cluster.kubectl("apply", "-f", "-", stdin=SEED_MANIFEST)
-    wait_for(lambda: cluster.sees("ns1", {"app": "my-app"}), what="the ExternalService")
-    cluster.run_pod("ns1", "my-pod")
-    used = {
-        (r.api_group, r.resource, r.verb)
-        for r in cluster.api.requests
-        if r.resource and r.user_agent.startswith("k8s-ext-connector")
+    allowed = {
+        (group, resource, verb)
+        for rule in answer["status"]["resourceRules"]
+        for group in rule.get("apiGroups", [])
+        for resource in rule.get("resources", [])
+        for verb in rule["verbs"]
     }
     granted = {
         (rule.group, rule.resource, verb)
         for rule in rbac.WEBHOOK_CLUSTER_RULES
         for verb in rule.verbs
     }
-    assert used == granted
+    assert allowed - DEFAULT_GRANTS == granted
+    denied = cluster.net.kubectl("get", "secrets", "-n", tenant.labelled, kubeconfig=kubeconfig)
+    assert denied.returncode == 1
+    assert (
+        f'User "system:serviceaccount:{RELEASE_NAMESPACE}:{FULLNAME}-webhook" cannot list'
+        ' resource "secrets"' in denied.stderr
+    )
+
+
+def test_the_write_guard_refuses_the_operators_writes_to_objects_it_does_not_own(
+    cluster: Cluster, tenant: Tenant
+) -> None:
+    """The chart's ValidatingAdmissionPolicy, enforced by the server for the operator's
+    ServiceAccount (which RBAC lets write Services, ConfigMaps and Secrets anywhere)."""
+    operator = cluster.net.service_account("operator")
+    ns = tenant.labelled
+    users = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "users", "namespace": ns},
+        "data": {"k": "v"},
+    }
+    cluster.apply(users)  # the administrator's, without the operator's label
+
+    def as_operator(method: str, path: str, body: Obj | None = None) -> tuple[int, str]:
+        status, answer = cluster.net.call_as(
+            operator, method, f"/api/v1/namespaces/{ns}/{path}", body,
+            "application/merge-patch+json" if method == "PATCH" else "application/json",
+        )  # fmt: skip
+        return status, str(answer.get("message", ""))
+
+    ours = {"app.kubernetes.io/managed-by": "k8s-ext-connector"}
+    take_over = {"metadata": {"labels": ours}}
+
+    def take_over_refused() -> str | None:
+        status, message = as_operator("PATCH", "configmaps/users", take_over)
+        assert status != 200, "the operator took over the user's ConfigMap"
+        return message if "ValidatingAdmissionPolicy" in message else None
+
+    # The policy takes effect once the server's policy informer has it (at install).
+    refused = wait_for(take_over_refused, timeout=30, interval=0.5, what="the write guard")
+    assert "ValidatingAdmissionPolicy 'k8s-ext-connector-operator-writes'" in refused
+    assert "the operator may only change or delete objects it created" in refused
+    status, message = as_operator("DELETE", "configmaps/users")
+    assert status == 403
+    assert "the operator may only change or delete objects it created" in message
+    status, message = as_operator(
+        "POST", "configmaps", {**users, "metadata": {"name": "mine", "namespace": ns}}
+    )
+    assert status == 403
+    assert "carry app.kubernetes.io/managed-by=k8s-ext-connector" in message
+    exposed = service(ns, "exposed", {"app": "x"})
+    exposed["metadata"]["labels"] = ours
+    exposed["spec"]["type"] = "NodePort"
+    status, message = as_operator("POST", "services", exposed)
+    assert status == 403
+    assert "Services are type ClusterIP without externalIPs" in message
+    status, message = as_operator(
+        "POST", "secrets",
+        {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+         "metadata": {"name": "opaque", "namespace": ns, "labels": ours}},
+    )  # fmt: skip
+    assert status == 403
+    assert "Secrets are of type kubernetes.io/ssh-auth" in message
+    # Its own kind of object is allowed, and RBAC still refuses what it never needs.
+    status, message = as_operator(
+        "POST",
+        "configmaps",
+        {**users, "metadata": {"name": "mine", "namespace": ns, "labels": ours}},
+    )
+    assert status == 201, message
+    status, message = as_operator("GET", "secrets")
+    assert status == 403
+    assert 'cannot list resource "secrets"' in message
+    assert cluster.net.get(f"/api/v1/namespaces/{ns}/configmaps/users") is not None
+
+
+def test_pod_security_baseline_and_restricted_refuse_injected_pods_naming_the_sidecar(
+    cluster: Cluster, tenant: Tenant
+) -> None:
+    """Pod Security runs after the webhooks, on the injected pod: at baseline or restricted
+    a selected pod is refused, and the message names the injected container and the two
+    capabilities (docs/injection.md "Pod Security" has the fix: privileged for that
+    namespace). A pod no ExternalService selects is not injected and still admitted."""
+    apply_seed(cluster, tenant)
+    ns = tenant.labelled
+    cluster.kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=baseline")
+    assert sidecars(cluster.run_pod(ns, "unselected", labels="app=other")) == []
+    refused = cluster.net.kubectl(
+        "run", "selected", "-n", ns, "--image=busybox", "--labels=app=my-app"
+    )
+    assert refused.returncode == 1
+    assert (
+        'pods "selected" is forbidden: violates PodSecurity "baseline:latest": non-default'
+        ' capabilities (container "ext-connector" must not include "NET_ADMIN", "NET_RAW" in'
+        " securityContext.capabilities.add)"
+    ) in refused.stderr
+    # At restricted, a Deployment's pods are refused to the ReplicaSet controller: the
+    # reason is on the ReplicaSet (condition ReplicaFailure) and in its events.
+    cluster.kubectl(
+        "label", "namespace", ns, "--overwrite", "pod-security.kubernetes.io/enforce=restricted"
+    )
+    restricted_app = deployment(ns, "web", {"app": "my-app"})
+    restricted_app["spec"]["template"]["spec"]["securityContext"] = {
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    restricted_app["spec"]["template"]["spec"]["containers"][0]["securityContext"] = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    cluster.apply(restricted_app)
+
+    def failure() -> str | None:
+        items = (cluster.net.get(f"/apis/apps/v1/namespaces/{ns}/replicasets") or {}).get(
+            "items"
+        ) or []
+        for replicaset in items:
+            for condition in replicaset.get("status", {}).get("conditions") or []:
+                if condition["type"] == "ReplicaFailure":
+                    return str(condition["message"])
+        return None
+
+    message = wait_for(failure, timeout=60, interval=0.2, what="the ReplicaSet's failure")
+    assert 'violates PodSecurity "restricted:latest"' in message
+    assert 'container "ext-connector" must not include "NET_ADMIN", "NET_RAW"' in message
+    assert 'container "ext-connector" must not set securityContext.runAsNonRoot=false' in message
+    assert 'container "ext-connector" must not set runAsUser=0' in message
+    pods = cluster.net.get(f"/api/v1/namespaces/{ns}/pods?labelSelector=app%3Dmy-app")
+    assert pods is not None
+    assert pods["items"] == []

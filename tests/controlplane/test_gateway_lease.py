@@ -86,8 +86,10 @@ def test_lease_is_written_at_once_renewed_retried_and_released(
         assert (_lease(apiserver) or {})["spec"]["leaseTransitions"] == 1
         lease.report({"203.0.113.9": "cannot listen on 203.0.113.9:2022: address in use"})
         await wait_for_async(
-            lambda: _unserved(apiserver)
-            == {"203.0.113.9": "cannot listen on 203.0.113.9:2022: address in use"},
+            lambda: (
+                _unserved(apiserver)
+                == {"203.0.113.9": "cannot listen on 203.0.113.9:2022: address in use"}
+            ),
             timeout=5,
             what="the change written at once",
         )

@@ -1,17 +1,19 @@
-"""`helm install` of the chart into the emulated API server, then the chart's own commands
-(container args and env exactly as rendered into the Deployments) run against it.
+"""`helm install` of the chart into an upstream API server (OpenAPI validation on), then the
+chart's own commands (container args and env exactly as rendered into the Deployments) run
+against it, each with a token of its own ServiceAccount under the chart's rendered RBAC.
 
 The harness plays the kubelet for those containers and says so: ``$(VAR)`` references
 are expanded from the env the chart declares, a mounted Secret becomes a directory with
 the keys the chart's volume names (group-readable by the pod's fsGroup), a listening port
 the chart declares is mapped to a free local one, and the API is reached through
-$KUBECONFIG instead of an in-cluster token. Run as root (CI), each command runs as the
+$KUBECONFIG holding a token of the pod's ServiceAccount (TokenRequest) instead of the
+projected in-cluster token file. Run as root (CI), each command runs as the
 pod's uid and gid (65532, which has no passwd entry on this machine either) with only the
 env a container gets, so a component that needs a home, a user name or a writable path
 outside /tmp fails here as it would in the image.
 
-helm validates manifests with OpenAPI v2, which the emulator does not serve, so the
-install passes --disable-openapi-validation; tests/chart validates every render strictly.
+The control plane listens on this machine's loopback (no test namespace: here nothing
+needs the API server to call the webhook; test_admission.py does that).
 """
 
 from __future__ import annotations
@@ -36,40 +38,53 @@ import pytest
 import yaml
 
 from k8s_ext_connector.core.api import GATEWAY_NODE_LABEL
-from k8s_ext_connector.emulator import ApiServer
-from k8s_ext_connector.emulator.clients import run_kubectl
 from k8s_ext_connector.operator.desired import GATEWAY_CONFIGMAP, host_key_secret_name
+from k8s_ext_connector_testbed.controlplane import ControlPlane
 from tests.chart.helm import CHART, RELEASE_NAMESPACE, helm
 from tests.polling import wait_for
 from tests.ports import free_port
 from tests.unit.samples import SEED_MANIFEST
 
+pytestmark = [pytest.mark.kube, pytest.mark.timeout(300)]
 RELEASE = "ext-connector"
 CONNECTOR_NAMESPACE = "external-services"
 FULLNAME = "k8s-ext-connector"
+CRD = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/externalservices.submariner.io"
 
 
 @dataclass
 class Installed:
-    api: ApiServer
-    kubeconfig: Path
+    cp: ControlPlane
     workdir: Path
     notes: str
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def kubectl(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
-        result = run_kubectl(self.kubeconfig, args, stdin, cache_dir=self.workdir / "cache")
+    def kubectl(
+        self, *args: str, stdin: str | None = None, check: bool = True, as_: Path | None = None
+    ) -> str:
+        result = self.cp.kubectl(*args, input_text=stdin, check=False, kubeconfig=as_)
         if check:
             assert result.returncode == 0, f"kubectl {' '.join(args)}: {result.stderr}"
         return result.stdout
 
+    def get(self, path: str) -> dict[str, Any] | None:
+        status, body = self.cp.api("GET", path)
+        return body if status == 200 else None
+
     def workload(self, kind: str, component: str) -> dict[str, Any]:
-        group = "apps"
         plural = {"Deployment": "deployments", "DaemonSet": "daemonsets"}[kind]
         namespace = CONNECTOR_NAMESPACE if component == "gateway" else RELEASE_NAMESPACE
-        found = self.api.get_object(group, "v1", plural, namespace, f"{FULLNAME}-{component}")
+        found = self.get(f"/apis/apps/v1/namespaces/{namespace}/{plural}/{FULLNAME}-{component}")
         assert found is not None, (kind, component)
         return found
+
+    def token_kubeconfig(self, spec: dict[str, Any]) -> Path:
+        """A kubeconfig with a token of the pod's ServiceAccount, readable by its uid."""
+        account = spec["serviceAccountName"]
+        path = self.workdir / f"{account}.kubeconfig"
+        shutil.copyfile(self.cp.service_account_kubeconfig(RELEASE_NAMESPACE, account), path)
+        path.chmod(0o644)
+        return path
 
     def run_container(
         self, component: str, ports: dict[str, int] | None = None
@@ -86,7 +101,7 @@ class Installed:
         log = (self.workdir / f"{component}.log").open("ab")
         process = subprocess.Popen(
             [*self._as_pod_user(spec, container), sys.executable, "-m", "k8s_ext_connector", *args],
-            env={"PATH": "/usr/bin:/bin", **env, "KUBECONFIG": str(self.kubeconfig)},
+            env={"PATH": "/usr/bin:/bin", **env, "KUBECONFIG": str(self.token_kubeconfig(spec))},
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -124,8 +139,9 @@ class Installed:
             directory.chmod(0o1777)  # writable by the pod's uid, as the kubelet makes it
         if "secret" in volume:
             secret = wait_for(
-                lambda: self.api.get_object(
-                    "", "v1", "secrets", RELEASE_NAMESPACE, volume["secret"]["secretName"]
+                lambda: self.get(
+                    f"/api/v1/namespaces/{RELEASE_NAMESPACE}/secrets/"
+                    + volume["secret"]["secretName"]
                 ),
                 timeout=20,
                 what=f"Secret {volume['secret']['secretName']} for volume {name}",
@@ -158,16 +174,14 @@ def installed() -> Iterator[Installed]:
     # Not tmp_path: pytest keeps it under a root-only directory the pods' uid cannot enter.
     workdir = Path(tempfile.mkdtemp(prefix="extconn-helm-"))
     workdir.chmod(0o755)
-    api = ApiServer()
-    with api.run_in_thread(), contextlib.ExitStack() as cleanup:
+    with contextlib.ExitStack() as cleanup:
         cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
-        kubeconfig = api.write_kubeconfig(workdir / "kubeconfig")
-        kubeconfig.chmod(0o644)
+        cp = cleanup.enter_context(ControlPlane())
         result = helm(
-            "--kubeconfig", str(kubeconfig), "install", RELEASE, str(CHART),
-            "-n", RELEASE_NAMESPACE, "--create-namespace", "--disable-openapi-validation",
+            "--kubeconfig", str(cp.kubeconfig), "install", RELEASE, str(CHART),
+            "-n", RELEASE_NAMESPACE, "--create-namespace",
         )  # fmt: skip
-        release = Installed(api, kubeconfig, workdir, result.stdout)
+        release = Installed(cp, workdir, result.stdout)
         try:
             yield release
         finally:
@@ -190,10 +204,7 @@ def test_install_creates_every_object_and_prints_the_next_three_commands(
 ) -> None:
     names = installed.kubectl("get", "-f", "-", "-o", "name", stdin=_rendered()).split()
     assert len(names) == len([d for d in yaml.safe_load_all(_rendered()) if d])
-    assert installed.api.get_object(
-        "apiextensions.k8s.io", "v1", "customresourcedefinitions", "",
-        "externalservices.submariner.io",
-    )  # fmt: skip
+    assert installed.get(CRD)
     for command in (
         "kubectl label node <node> node-restriction.kubernetes.io/ext-connector-gateway=true",
         "kubectl label namespace <namespace> external-service-injection=enabled",
@@ -212,8 +223,8 @@ def test_the_charts_commands_issue_certificates_serve_and_reconcile(
     c.run_container("certs")
 
     def bundle() -> bytes | None:
-        config = c.api.get_object(
-            "admissionregistration.k8s.io", "v1", "mutatingwebhookconfigurations", "", FULLNAME
+        config = c.get(
+            f"/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{FULLNAME}"
         )
         encoded = (config or {}).get("webhooks", [{}])[0].get("clientConfig", {}).get("caBundle")
         return base64.b64decode(encoded) if encoded else None
@@ -242,8 +253,9 @@ def test_the_charts_commands_issue_certificates_serve_and_reconcile(
     _, operator_ports = c.run_container("operator")
     (health,) = operator_ports.values()
     c.wait(
-        lambda: c.api.get_object(
-            "coordination.k8s.io", "v1", "leases", RELEASE_NAMESPACE, "k8s-ext-connector-operator"
+        lambda: c.get(
+            f"/apis/coordination.k8s.io/v1/namespaces/{RELEASE_NAMESPACE}/leases/"
+            "k8s-ext-connector-operator"
         ),
         "the operator's Lease in the release namespace",
         "operator",
@@ -261,13 +273,12 @@ def test_the_charts_commands_issue_certificates_serve_and_reconcile(
             "spec": {"selector": {"app": name}, "ports": [{"port": 80}]},
         }
         c.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(service))
-    c.api.create_object(
-        {
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {"name": "gw1", "labels": {GATEWAY_NODE_LABEL[0]: GATEWAY_NODE_LABEL[1]}},
-        }
-    )
+    node = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": "gw1", "labels": {GATEWAY_NODE_LABEL[0]: GATEWAY_NODE_LABEL[1]}},
+    }
+    assert c.cp.api("POST", "/api/v1/nodes", node)[0] == 201
     ready = '{"status": {"conditions": [{"type": "Ready", "status": "True"}]}}'
     c.kubectl("patch", "node", "gw1", "--subresource=status", "--type=merge", "-p", ready)
     c.kubectl("apply", "-n", "ns1", "-f", "-", stdin=SEED_MANIFEST)
@@ -276,68 +287,49 @@ def test_the_charts_commands_issue_certificates_serve_and_reconcile(
     secret = next(a for a in args if a.startswith("--host-key-secret=")).split("=", 1)[1]
     assert secret.replace("$(NODE_NAME)", "gw1") == host_key_secret_name("gw1")
     c.wait(
-        lambda: c.api.get_object(
-            "", "v1", "secrets", CONNECTOR_NAMESPACE, host_key_secret_name("gw1")
+        lambda: c.get(
+            f"/api/v1/namespaces/{CONNECTOR_NAMESPACE}/secrets/{host_key_secret_name('gw1')}"
         ),
         "gw1's host key Secret",
         "operator",
     )
 
     def gateway_config() -> dict[str, Any] | None:
-        found = c.api.get_object("", "v1", "configmaps", CONNECTOR_NAMESPACE, GATEWAY_CONFIGMAP)
+        found = c.get(f"/api/v1/namespaces/{CONNECTOR_NAMESPACE}/configmaps/{GATEWAY_CONFIGMAP}")
         return found if found and "gw1.yaml" in (found.get("data") or {}) else None
 
     c.wait(gateway_config, "gw1.yaml in the gateway ConfigMap", "operator")
     (volume,) = [v for v in daemonset["volumes"] if v["name"] == "config"]
     assert volume["configMap"]["name"] == GATEWAY_CONFIGMAP
 
-    # Every call those commands made is one the chart's RBAC allows, names and namespaces
-    # included (the three share a user agent, so it is checked against their union).
-    roles = [
-        (d, d["metadata"].get("namespace"))
-        for d in yaml.safe_load_all(_rendered())
-        if d
-        and d["kind"] in ("Role", "ClusterRole")
-        and d["metadata"]["labels"]["app.kubernetes.io/component"] != "gateway"
-    ]
-    ours = [
-        r
-        for r in c.api.requests
-        if r.resource and r.user_agent.startswith(("k8s-ext-connector", "kopf"))
-    ]
-    assert ours
-    refused = [f"{r.verb} {r.path}" for r in ours if not any(_allows(d, ns, r) for d, ns in roles)]
-    assert refused == []
-    lease_calls = {(r.verb, r.namespace, r.name) for r in ours if r.resource == "leases"}
-    assert lease_calls >= {("get", RELEASE_NAMESPACE, "k8s-ext-connector-operator")}
-
-
-def _allows(role: dict[str, Any], namespace: str | None, request: Any) -> bool:
-    """Kubernetes' RBAC decision for one recorded request under one (Cluster)Role."""
-    if namespace is not None and request.namespace != namespace:
-        return False
-    resource = request.resource + (f"/{request.subresource}" if request.subresource else "")
-    for rule in role["rules"]:
-        names = rule.get("resourceNames")
-        if (
-            request.api_group in rule["apiGroups"]
-            and resource in rule["resources"]
-            and request.verb in rule["verbs"]
-            and (not names or request.name in names)
-        ):
-            return True
-    return False
+    # Each ran under its own ServiceAccount's token and the chart's rendered RBAC: a call
+    # outside it would have been a real 403, which each logs.
+    for component in ("certs", "webhook", "operator"):
+        log = (c.workdir / f"{component}.log").read_text()
+        assert not re.search(r"\b403\b|Forbidden", log), f"--- {component} log ---\n{log}"
+    # ... and one the operator never needs is refused: it writes the host keys but may
+    # not read any Secret back.
+    operator = c.token_kubeconfig(c.workload("Deployment", "operator")["spec"]["template"]["spec"])
+    denied = c.cp.kubectl(
+        "get", "secret", host_key_secret_name("gw1"), "-n", CONNECTOR_NAMESPACE,
+        kubeconfig=operator, check=False,
+    )  # fmt: skip
+    assert denied.returncode == 1
+    assert (
+        f'User "system:serviceaccount:{RELEASE_NAMESPACE}:{FULLNAME}-operator" cannot get'
+        f' resource "secrets" in API group "" in the namespace "{CONNECTOR_NAMESPACE}"'
+    ) in denied.stderr
 
 
 def test_uninstall_removes_everything_but_the_kept_namespace_and_the_crd(
     installed: Installed,
 ) -> None:
-    helm("--kubeconfig", str(installed.kubeconfig), "uninstall", RELEASE, "-n", RELEASE_NAMESPACE)
+    helm(
+        "--kubeconfig", str(installed.cp.kubeconfig), "uninstall", RELEASE, "-n",
+        RELEASE_NAMESPACE,
+    )  # fmt: skip
     left = installed.kubectl(
         "get", "-f", "-", "-o", "name", "--ignore-not-found", stdin=_rendered()
     ).split()
     assert left == [f"namespace/{CONNECTOR_NAMESPACE}"]
-    assert installed.api.get_object(
-        "apiextensions.k8s.io", "v1", "customresourcedefinitions", "",
-        "externalservices.submariner.io",
-    )  # fmt: skip
+    assert installed.get(CRD)

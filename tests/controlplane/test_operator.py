@@ -236,10 +236,21 @@ def test_seed_example_becomes_ready_with_every_object(cluster: Cluster) -> None:
     assert [s["gatewayNode"] for s in status["sources"]] == ["gw1", "gw1"]
     table = c.kubectl("get", "externalservices")
     assert table.split("\n")[0].split() == [
-        "NAME", "TARGET", "SOURCES", "READY", "GENERATION", "OBSERVED", "AGE"
+        "NAME",
+        "TARGET",
+        "SOURCES",
+        "READY",
+        "GENERATION",
+        "OBSERVED",
+        "AGE",
     ]
     assert table.split("\n")[1].split()[:6] == [
-        "my-externalservice", "192.168.122.139", "2", "2/2", "1", "1"
+        "my-externalservice",
+        "192.168.122.139",
+        "2",
+        "2/2",
+        "1",
+        "1",
     ]
     assert "my-externalservice" in c.kubectl("get", "extsvc", "-A")
     events = c.api.list_objects("", "v1", "events", "default")
@@ -499,11 +510,7 @@ def test_operator_requests_match_its_rbac(cluster: Cluster) -> None:
     elsewhere = [r.path for r in c.api.requests if r.resource == "leases"]
     assert all("/namespaces/external-services/" in path for path in elsewhere), elsewhere
     # Everything granted is used, except paths this scenario does not reach.
-    unused = (
-        granted
-        - used
-        - {("", "services", "patch"), ("", "configmaps", "delete")}
-    )
+    unused = granted - used - {("", "services", "patch"), ("", "configmaps", "delete")}
     assert unused == set() or unused <= {("", "configmaps", "delete")}, unused
 
 
@@ -644,6 +651,7 @@ def test_names_no_service_can_have_are_refused_and_the_seed_still_becomes_ready(
         c.kubectl(
             "apply", "-f", "-", stdin=SEED.replace("name: my-externalservice", f"name: '{name}'")
         )
+
     def refused(name: str) -> bool:
         return c.condition("Accepted", name) == ("False", "InvalidName")
 
@@ -721,7 +729,12 @@ def test_objects_not_ours_are_never_adopted_and_are_reported(cluster: Cluster) -
         "create", "configmap", "ext-connector-my-service1", "-n", "ns1", "--from-literal=owner=me"
     )
     c.kubectl(
-        "create", "secret", "generic", "ext-connector-my-service2-key", "-n", "ns2",
+        "create",
+        "secret",
+        "generic",
+        "ext-connector-my-service2-key",
+        "-n",
+        "ns2",
         "--from-literal=password=hunter2",
     )
     c.kubectl(
@@ -787,8 +800,14 @@ def test_a_source_ip_that_is_a_node_address_is_refused(cluster: Cluster) -> None
         c.http(
             "PATCH",
             "/api/v1/nodes/gw1/status",
-            {"status": {"addresses": [{"type": "InternalIP", "address": address},
-                                      {"type": "Hostname", "address": "gw1"}]}},
+            {
+                "status": {
+                    "addresses": [
+                        {"type": "InternalIP", "address": address},
+                        {"type": "Hostname", "address": "gw1"},
+                    ]
+                }
+            },
         )
 
     addresses("192.168.122.201")
@@ -838,8 +857,9 @@ def test_a_spec_the_operator_has_not_seen_shows_as_such(cluster: Cluster) -> Non
     c.operator = c.start_operator("--no-leader-election")
     c.wait(lambda: _row(c) == ["2/2", "2", "2"], "the new generation observed")
     assert {x["observedGeneration"] for x in c.es()["status"]["conditions"]} == {2}
-    c.kubectl("wait", "--for=condition=Ready", "--timeout=20s",
-              "externalservice/my-externalservice")
+    c.kubectl(
+        "wait", "--for=condition=Ready", "--timeout=20s", "externalservice/my-externalservice"
+    )
 
 
 def operator_stopped(c: Cluster) -> bool:
