@@ -1,5 +1,6 @@
 """``k8s-ext-connector lab`` end to end: namespaces, the real operator, webhook, gateway and
-sidecars, the emulator as API server, and kubectl as the user.
+sidecars, upstream Kubernetes (API server, controller-manager, scheduler), and the pinned
+kubectl as the user.
 
 One lab for the module (bring-up is the slow part); the tests run in file order and each
 leaves the seed's ExternalService applied and Ready. Every wait polls with a deadline.
@@ -23,7 +24,7 @@ import yaml
 
 from k8s_ext_connector.lab import netns, state
 from k8s_ext_connector.lab.client import run_gets
-from k8s_ext_connector.lab.cluster import CONNECTOR_NAMESPACE, is_test_net
+from k8s_ext_connector.lab.cluster import CONNECTOR_NAMESPACE, is_test_net, kubectl_binary
 from k8s_ext_connector.lab.kubelet import PodRuntime
 from k8s_ext_connector.lab.session import (
     Check,
@@ -43,6 +44,7 @@ from k8s_ext_connector.lab.topology import (
 
 pytestmark = [
     pytest.mark.root,
+    pytest.mark.kube,  # the upstream binaries `make install` builds
 ]
 T = TypeVar("T")
 LOG: list[str] = []  # the lab's progress lines, shown when a wait fails
@@ -320,7 +322,7 @@ def test_up_status_down_after_a_crash(tmp_path: Path) -> None:
         [*cli, "up", "--state-dir", str(state_dir), "--connections", "2"],
         capture_output=True,
         text=True,
-        timeout=90,
+        timeout=240,
         check=False,
     )
     try:
@@ -329,7 +331,7 @@ def test_up_status_down_after_a_crash(tmp_path: Path) -> None:
         assert "The lab is up" in up.stdout
         kubeconfig = state_dir / "kubeconfig"
         listing = subprocess.run(
-            ["kubectl", "--kubeconfig", str(kubeconfig), "get", "externalservices", "-A"],
+            [kubectl_binary(), "--kubeconfig", str(kubeconfig), "get", "externalservices", "-A"],
             capture_output=True,
             text=True,
             timeout=30,
