@@ -193,3 +193,9 @@ def write(pki: ClusterPki, directory: Path) -> PkiFiles:
         files.sa_key.name,
     )
     return files
+
+
+def client_certificate(ca: Issued, common_name: str, organizations: tuple[str, ...]) -> Issued:
+    """A client certificate from the cluster CA: who a caller is (CN user, O groups), e.g. a
+    kubelet's ``system:node:<name>`` in ``system:nodes`` for the Node authorizer."""
+    return _issue(ca, common_name, organizations, client=True)

@@ -1,5 +1,6 @@
 """``k8s-ext-connector lab`` end to end: namespaces, the real operator, webhook, gateway and
-sidecars, the emulator as API server, and kubectl as the user.
+sidecars, upstream Kubernetes (API server, controller-manager, scheduler), and the pinned
+kubectl as the user.
 
 One lab for the module (bring-up is the slow part); the tests run in file order and each
 leaves the seed's ExternalService applied and Ready. Every wait polls with a deadline.
@@ -23,7 +24,12 @@ import yaml
 
 from k8s_ext_connector.lab import netns, state
 from k8s_ext_connector.lab.client import run_gets
-from k8s_ext_connector.lab.cluster import CONNECTOR_NAMESPACE, is_test_net
+from k8s_ext_connector.lab.cluster import (
+    CONNECTOR_NAMESPACE,
+    ApiCallError,
+    is_test_net,
+    kubectl_binary,
+)
 from k8s_ext_connector.lab.kubelet import PodRuntime
 from k8s_ext_connector.lab.session import (
     Check,
@@ -43,6 +49,7 @@ from k8s_ext_connector.lab.topology import (
 
 pytestmark = [
     pytest.mark.root,
+    pytest.mark.kube,  # the upstream binaries `make install` builds
 ]
 T = TypeVar("T")
 LOG: list[str] = []  # the lab's progress lines, shown when a wait fails
@@ -131,6 +138,43 @@ def test_the_seed_walkthrough_passes_with_the_real_control_plane(session: LabSes
     assert "initContainers" not in other["spec"]
     conditions = {c["type"]: c["status"] for c in es(session)["status"]["conditions"]}
     assert conditions["Ready"] == "True", conditions
+
+
+def test_the_control_plane_is_upstream_and_the_kubelet_is_a_node(session: LabSession) -> None:
+    """The API server is the pinned release; the real scheduler bound the pods; the lab's
+    kubelet is judged as system:node:gw1 (the Node authorizer lets it read only Secrets of
+    pods bound to gw1); the gateway read its host key and wrote its Lease through the API."""
+    plane = session.cluster
+    version = json.loads(plane.kubectl("version", "-o", "json"))
+    assert version["serverVersion"]["gitVersion"] == "v1.34.4", version
+    for namespace, pod in (("ns1", "my-pod1"), ("ns2", "my-pod2"), ("ns1", "other-pod")):
+        stored = plane.get("pods", namespace, pod)
+        assert stored is not None
+        assert stored["spec"]["nodeName"] == "gw1"
+        events = plane.objects("events", namespace)
+        assert any(
+            e["involvedObject"]["name"] == pod
+            and e["reason"] == "Scheduled"
+            and e.get("reportingComponent") == "default-scheduler"
+            for e in events
+        ), events
+    node = session.node.api
+    key = node.get("secrets", "ns1", "ext-connector-my-service1-key")
+    assert key is not None
+    assert key["type"] == "kubernetes.io/ssh-auth"
+    with pytest.raises(ApiCallError) as refused:
+        node.get("secrets", CONNECTOR_NAMESPACE, "ext-connector-gateway-gw1-host-key")
+    assert refused.value.status == 403, refused.value
+    lease = plane.get(
+        "leases", CONNECTOR_NAMESPACE, "ext-connector-gateway-gw1", "coordination.k8s.io"
+    )
+    assert lease is not None
+    assert lease["spec"]["holderIdentity"] == "gw1", lease
+    gateway = session.node.gateway.process
+    assert gateway is not None
+    assert "read from Secret ext-connector-gateway-gw1-host-key in namespace external-services" in (
+        gateway.output()
+    ), gateway.output()[-2000:]
 
 
 def test_every_address_in_the_namespaces_is_test_net(session: LabSession) -> None:
@@ -260,9 +304,11 @@ def test_a_killed_operator_is_restarted_like_its_deployment(session: LabSession)
     restarts = plane.operator_restarts
     os.kill(old.pid, signal.SIGKILL)
     wait_for(
-        lambda: plane.operator is not None
-        and plane.operator.popen.pid != old.pid
-        and plane.operator.alive(),
+        lambda: (
+            plane.operator is not None
+            and plane.operator.popen.pid != old.pid
+            and plane.operator.alive()
+        ),
         20,
         "the lab to restart the operator",
     )
@@ -281,8 +327,10 @@ def test_a_killed_operator_is_restarted_like_its_deployment(session: LabSession)
     for ports in (PORT_8001, ((8000, 8000),)):
         session.apply(seed_manifest(ports))
         wait_for(
-            lambda: es(session)["status"].get("observedGeneration")
-            == es(session)["metadata"]["generation"],
+            lambda: (
+                es(session)["status"].get("observedGeneration")
+                == es(session)["metadata"]["generation"]
+            ),
             15,
             "the restarted operator to see the edit",
         )
@@ -320,7 +368,7 @@ def test_up_status_down_after_a_crash(tmp_path: Path) -> None:
         [*cli, "up", "--state-dir", str(state_dir), "--connections", "2"],
         capture_output=True,
         text=True,
-        timeout=90,
+        timeout=240,
         check=False,
     )
     try:
@@ -329,7 +377,7 @@ def test_up_status_down_after_a_crash(tmp_path: Path) -> None:
         assert "The lab is up" in up.stdout
         kubeconfig = state_dir / "kubeconfig"
         listing = subprocess.run(
-            ["kubectl", "--kubeconfig", str(kubeconfig), "get", "externalservices", "-A"],
+            [kubectl_binary(), "--kubeconfig", str(kubeconfig), "get", "externalservices", "-A"],
             capture_output=True,
             text=True,
             timeout=30,

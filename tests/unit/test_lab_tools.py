@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
@@ -30,6 +31,25 @@ def test_missing_tools_grouped_by_what_installs_them() -> None:
         "missing iptables-nft-restore, iptables-nft-save (`apt-get install iptables`);"
         " kubectl (`make install`)"
     )
+
+
+def test_the_kubernetes_binaries_are_looked_for_in_the_pinned_build(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The lab runs the control plane `make install` built: an empty assets directory names
+    all five binaries and the command that builds them, even with a kubectl on PATH."""
+    monkeypatch.setenv("KUBEBUILDER_ASSETS", str(tmp_path))
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: f"/usr/bin/{name}")
+    monkeypatch.setattr(subprocess, "run", _forbidden)
+    monkeypatch.setattr(subprocess, "Popen", _forbidden)
+    monkeypatch.setattr(lab_main, "LabSession", _forbidden)
+    assert cli.main(["lab"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "k8s-ext-connector lab: error: missing etcd, kube-apiserver, kube-controller-manager,"
+        " kube-scheduler, kubectl (`make install`); nothing was started"
+    ]
 
 
 @pytest.mark.parametrize("command", ["up", None])

@@ -1,9 +1,12 @@
-"""The parts of a node the lab plays itself: kubelet, scheduler, kube-proxy, and the gateway
-DaemonSet's pod. Every action is announced through ``say`` as the lab's, never the product's.
+"""The parts of a node the lab plays itself: kubelet, kube-proxy, and the gateway DaemonSet's
+pod. Every action is announced through ``say`` as the lab's, never the product's.
 
-- **scheduler**: a Pod stored in the API runs in the lab namespace named after it
-  (``my-pod1``, ``my-pod2``, ``other-pod``); the node is ``gw1``.
-- **kubelet** of ``gw1``: registers the Node with a Ready condition; for each Pod, makes
+- **kubelet** of ``gw1``, with a client certificate for ``system:node:gw1`` in
+  ``system:nodes`` (so the Node authorizer and NodeRestriction judge each call as they judge
+  a real kubelet's): registers the Node (Ready, capacity, addresses) and renews its Lease in
+  ``kube-node-lease`` (the node lifecycle controller's heartbeat). It runs the Pods the real
+  scheduler bound to ``gw1``, each in the lab namespace named after it (``my-pod1``,
+  ``my-pod2``, ``other-pod``: its "sandbox"); for each, it makes
   its ConfigMap, Secret and emptyDir volumes into files (re-synced every 0.2 s; a real
   kubelet takes up to a minute or so), runs the injected ``ext-connector`` init container
   (``restartPolicy: Always``) with the container's own args, paths mapped to those files,
@@ -11,21 +14,22 @@ DaemonSet's pod. Every action is announced through ``say`` as the lab's, never t
   once that startup probe passed (native sidecar semantics); restarts exited containers;
   reports ``phase``, ``podIP`` and container readiness in the Pod's status, which is
   what the operator's status is computed from. Every app container is played by the lab's
-  echo server on port 80. A deleted Pod's processes are stopped.
-- **gateway DaemonSet pod** on ``gw1`` (the chart does not exist yet): ``<node>.yaml`` of
-  the ConfigMap ``ext-connector-gateway`` and the Secret
-  ``ext-connector-gateway-<node>-host-key`` as files, followed when they change, and
-  ``k8s-ext-connector gateway --manage-addresses ext0`` in the gateway netns, restarted
-  if it exits.
+  echo server on port 80. A Pod being deleted (graceful deletion) has its processes stopped,
+  then the kubelet deletes it for good (grace period 0), as a real one confirms a deletion.
+- **gateway DaemonSet pod** on ``gw1`` once the node has the gateway label (the
+  DaemonSet's nodeSelector): ``<node>.yaml`` of the ConfigMap ``ext-connector-gateway`` as
+  a file (no Pod object names it, so the lab reads it as the administrator; a real kubelet
+  reads it as the node), and ``k8s-ext-connector gateway`` with the chart's arguments in the
+  gateway netns: ``--wait-for-config``, ``--host-key-secret`` (a GET through the API with
+  the gateway ServiceAccount's token), its Lease, ``--manage-addresses ext0``; restarted if
+  it exits.
 - **kube-proxy** on ``gw1``: for Services with a selector, a nat OUTPUT DNAT from
   ClusterIP:port to the running pods (what the gateway's ingress relay dials). Services
   without endpoints, such as the connector Service, keep refusing (the Service CIDR is a
   local route in the gateway netns).
 
-The sidecar follows its key file and the gateway its host key file (a re-issued key Secret
-is picked up without a restart), as on a real cluster. The gateway gets its host key as a
-file here because it runs in its own network namespace, which cannot reach the emulator on
-the root namespace's loopback; in a cluster it GETs its Secret (``--host-key-secret``).
+The sidecar follows its key file (a re-issued key Secret is picked up without a restart),
+as on a real cluster.
 
 Files the lab writes into a namespace are checked first: an address outside TEST-NET is
 refused with an error instead of reaching a namespace.
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime
 import hashlib
 import ipaddress
 import json
@@ -54,6 +59,7 @@ from k8s_ext_connector.core.iptables import ChainSet, Jump, apply, comment
 from k8s_ext_connector.lab import netns
 from k8s_ext_connector.lab.cluster import (
     CONNECTOR_NAMESPACE,
+    GATEWAY_LABEL,
     NODE_NAME,
     USER_AGENT,
     ApiCallError,
@@ -81,6 +87,10 @@ APP_PORT = 80
 BACKOFF_START, BACKOFF_MAX, BACKOFF_RESET = 0.5, 10.0, 60.0
 PROXY_CHAIN = "LABPROXY-SERVICES"
 KUBELET_AGENT = f"{USER_AGENT} (kubelet)"
+NODE_LEASE_NAMESPACE = "kube-node-lease"
+NODE_LEASE_SECONDS = 40  # a kubelet's default
+NODE_LEASE_RENEW = 10.0
+NODE_CAPACITY = {"cpu": "2", "memory": "4Gi", "pods": "110"}
 _IPV4 = re.compile(r"(?<![\d.])(\d{1,3}(?:\.\d{1,3}){3})(?![\d.])")
 
 
@@ -233,6 +243,7 @@ class Kubelet:
         self.plane = plane
         self.say = say
         self.node = node
+        self.api = plane.node_client(node, KUBELET_AGENT)
         self.root = lab.workdir / f"node-{node}"
         self.pods: dict[tuple[str, str], PodRuntime] = {}
         self.gateway = Container("gateway")
@@ -245,28 +256,38 @@ class Kubelet:
         self._proxy: ChainSet | None = None
         self._gateway_config_seen = ""
         self._unschedulable: set[str] = set()
+        self._lease_renewed = 0.0
+        self._gateway_kubeconfig: Path | None = None
         self._last_error = ""
         self._on_change: list[Callable[[], None]] = []
 
     # ---- node ---------------------------------------------------------------------------
     def register_node(self) -> None:
-        self.plane.call(
+        # The pod network, as a node IPAM controller assigns it: the operator allows it
+        # (and the InternalIP) to the gateway's SSH port.
+        self.api.call(
             "POST",
             "/api/v1/nodes",
-            # The pod network, as a node IPAM controller assigns it: the operator allows
-            # it (and the InternalIP) to the gateway's SSH port.
             {
                 "metadata": {"name": self.node},
                 "spec": {"podCIDR": POD_CIDR, "podCIDRs": [POD_CIDR]},
             },
-            agent=KUBELET_AGENT,
         )
-        self.plane.call(
+        self.api.call(
             "PATCH",
             f"/api/v1/nodes/{self.node}/status",
             {
                 "status": {
-                    "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
+                    "conditions": [
+                        {
+                            "type": "Ready",
+                            "status": "True",
+                            "reason": "KubeletReady",
+                            "message": "the lab's kubelet",
+                            "lastHeartbeatTime": _now(),
+                            "lastTransitionTime": _now(),
+                        }
+                    ],
                     # Both of the node's own addresses, as a cloud provider reports a
                     # node's private and public ones: the operator refuses either as a
                     # sourceIP (NodeAddress) only if the Node lists it.
@@ -274,16 +295,59 @@ class Kubelet:
                         {"type": "InternalIP", "address": POD_GATEWAY_IP},
                         {"type": "ExternalIP", "address": GATEWAY_EXTERNAL_IP},
                     ],
+                    "capacity": NODE_CAPACITY,
+                    "allocatable": NODE_CAPACITY,
                 }
             },
-            "application/merge-patch+json",
-            agent=KUBELET_AGENT,
+            "application/strategic-merge-patch+json",
         )
+        self._renew_lease()
         self.say(
-            f"as kubelet: registered Node {self.node} (Ready, InternalIP {POD_GATEWAY_IP},"
-            f" ExternalIP {GATEWAY_EXTERNAL_IP}, podCIDR {POD_CIDR}); it is the gateway"
-            " netns, and every pod's node"
+            f"lab as kubelet: registered Node {self.node} as system:node:{self.node} (Ready,"
+            f" InternalIP {POD_GATEWAY_IP}, ExternalIP {GATEWAY_EXTERNAL_IP}, podCIDR"
+            f" {POD_CIDR}); it is the gateway netns; REAL: the scheduler binds the pods to it"
         )
+
+    def _renew_lease(self) -> None:
+        """The node's heartbeat: without it the node lifecycle controller marks the node
+        NotReady after its grace period and taints it (pods are then evicted)."""
+        if time.monotonic() - self._lease_renewed < NODE_LEASE_RENEW:
+            return
+        path = f"/apis/coordination.k8s.io/v1/namespaces/{NODE_LEASE_NAMESPACE}/leases"
+        spec = {
+            "holderIdentity": self.node,
+            "leaseDurationSeconds": NODE_LEASE_SECONDS,
+            "renewTime": _now(micro=True),
+        }
+        try:
+            self.api.call(
+                "PATCH", f"{path}/{self.node}", {"spec": spec}, "application/merge-patch+json"
+            )
+        except ApiCallError as error:
+            if error.status != 404:
+                raise
+            self.api.call(
+                "POST",
+                path,
+                {
+                    "metadata": {
+                        "name": self.node,
+                        # As a kubelet's: the Node owns its Lease.
+                        "ownerReferences": [self._node_owner()],
+                    },
+                    "spec": spec,
+                },
+            )
+        self._lease_renewed = time.monotonic()
+
+    def _node_owner(self) -> Obj:
+        node = self.api.get("nodes", "", self.node) or {}
+        return {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "name": self.node,
+            "uid": (node.get("metadata") or {}).get("uid", ""),
+        }
 
     def on_change(self, callback: Callable[[], None]) -> None:
         """Called (on the kubelet thread) after processes start or stop."""
@@ -308,13 +372,14 @@ class Kubelet:
                 if text != self._last_error:
                     self._last_error = text
                     self.errors.append(text)
-                    self.say(f"as kubelet: sync failed: {text}")
+                    self.say(f"lab as kubelet: sync failed: {text}")
                     if not isinstance(error, netns.LabError | ApiCallError):
                         traceback.print_exc(file=sys.stderr)
             self._stop.wait(SYNC_INTERVAL)
 
     def sync_once(self) -> None:
         with self._lock:
+            self._renew_lease()
             changed = self._sync_pods()
             changed |= self._sync_gateway()
             self._sync_proxy()
@@ -326,16 +391,23 @@ class Kubelet:
     def _sync_pods(self) -> bool:
         stored = {
             (p["metadata"]["namespace"], p["metadata"]["name"]): p
-            for p in self.plane.objects("pods")
+            for p in self.api.objects("pods", fieldSelector=f"spec.nodeName={self.node}")
         }
         changed = False
         for key, runtime in list(self.pods.items()):
             pod = stored.get(key)
-            if pod is None or pod["metadata"]["uid"] != runtime.uid:
+            if (
+                pod is None
+                or pod["metadata"]["uid"] != runtime.uid
+                or pod["metadata"].get("deletionTimestamp")
+            ):
                 self._stop_pod(runtime)
                 del self.pods[key]
                 changed = True
         for key, pod in stored.items():
+            if pod["metadata"].get("deletionTimestamp"):
+                self._confirm_deletion(pod)
+                continue
             if key not in self.pods:
                 scheduled = self._schedule(pod)
                 if scheduled is None:
@@ -343,6 +415,22 @@ class Kubelet:
                 self.pods[key] = scheduled
             changed |= self._sync_pod(self.pods[key], pod)
         return changed
+
+    def _confirm_deletion(self, pod: Obj) -> None:
+        """A Pod being deleted whose containers are stopped: delete it for good (grace
+        period 0), as a kubelet does; the API server keeps it until then."""
+        meta = pod["metadata"]
+        try:
+            self.api.call(
+                "DELETE",
+                f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
+                {"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}},
+            )
+        except ApiCallError as error:
+            if error.status not in (404, 409):
+                raise
+            return
+        self.say(f"lab as kubelet: pod {meta['namespace']}/{meta['name']} deleted (grace 0)")
 
     def _schedule(self, pod: Obj) -> PodRuntime | None:
         namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
@@ -352,8 +440,8 @@ class Kubelet:
             if f"{namespace}/{name}" not in self._unschedulable:
                 self._unschedulable.add(f"{namespace}/{name}")
                 self.say(
-                    f"as scheduler: pod {namespace}/{name} stays Pending: the lab has a netns"
-                    f" only for {', '.join(sorted(self.lab.pods))} (one pod each)"
+                    f"lab as kubelet: pod {namespace}/{name} stays Pending: the lab has a"
+                    f" netns only for {', '.join(sorted(self.lab.pods))} (one pod each)"
                 )
             return None
         self._unschedulable.discard(f"{namespace}/{name}")
@@ -369,7 +457,8 @@ class Kubelet:
         root.mkdir(parents=True, exist_ok=True)
         runtime = PodRuntime(namespace, name, pod["metadata"]["uid"], lab_pod, root, sidecar, apps)
         self.say(
-            f"as scheduler+kubelet: pod {namespace}/{name} -> node {self.node}, netns"
+            f"REAL scheduler bound pod {namespace}/{name} to {self.node}; lab as kubelet: runs"
+            f" it in netns"
             f" {lab_pod.netns}, IP {lab_pod.ip};"
             + (
                 " injected sidecar found: running it first"
@@ -384,7 +473,7 @@ class Kubelet:
         runtime.sidecar.stop()  # SIGTERM: the sidecar stops, its rules stay (fail closed)
         self.lab.reset_pod_network(runtime.lab_pod.name)  # the pod's netns would die here
         shutil.rmtree(runtime.root, ignore_errors=True)
-        self.say(f"as kubelet: pod {runtime.key} is gone from the API: its containers stopped")
+        self.say(f"lab as kubelet: pod {runtime.key} is being deleted: its containers stopped")
 
     def _volumes(self, runtime: PodRuntime, pod: Obj) -> bool:
         """Materialise the pod's volumes; True if a file changed."""
@@ -394,7 +483,7 @@ class Kubelet:
             directory = runtime.volume_dirs.setdefault(name, runtime.root / "volumes" / name)
             if "configMap" in volume:
                 source = volume["configMap"]
-                obj = self.plane.get("configmaps", runtime.namespace, source.get("name", ""))
+                obj = self.api.get("configmaps", runtime.namespace, source.get("name", ""))
                 files = (
                     {k: str(v).encode() for k, v in (obj.get("data") or {}).items()}
                     if obj
@@ -407,7 +496,7 @@ class Kubelet:
                 changed |= _sync_dir(directory, files, 0o644)
             elif "secret" in volume:
                 source = volume["secret"]
-                obj = self.plane.get("secrets", runtime.namespace, source.get("secretName", ""))
+                obj = self.api.get("secrets", runtime.namespace, source.get("secretName", ""))
                 files = (
                     {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
                     if obj
@@ -452,7 +541,7 @@ class Kubelet:
         try:
             self._volumes(runtime, pod)
         except NotTestNet as error:
-            self._once(runtime, str(error), f"as kubelet: {runtime.key}: {error}")
+            self._once(runtime, str(error), f"lab as kubelet: {runtime.key}: {error}")
             return False
         now = time.monotonic()
         if runtime.sidecar_spec is not None:
@@ -467,7 +556,7 @@ class Kubelet:
                 and digest not in ("", sidecar.key_digest)
             ):
                 self.say(
-                    f"as kubelet: {runtime.key}: the key Secret changed under the running"
+                    f"lab as kubelet: {runtime.key}: the key Secret changed under the running"
                     " sidecar, which reads its key only at start: RESTARTING it (lab"
                     " deviation: a real kubelet would only update the file)"
                 )
@@ -488,13 +577,13 @@ class Kubelet:
             )
             if runtime.sidecar_ready != was_ready:
                 self.say(
-                    f"as kubelet: {runtime.key}: sidecar /ready probe"
+                    f"lab as kubelet: {runtime.key}: sidecar /ready probe"
                     f" {'passes' if runtime.sidecar_ready else 'FAILS'}"
                 )
             if runtime.sidecar_ready and not runtime.startup_passed:
                 runtime.startup_passed = True
                 self.say(
-                    f"as kubelet: {runtime.key}: startup probe passed; starting the app"
+                    f"lab as kubelet: {runtime.key}: startup probe passed; starting the app"
                     " containers now (native sidecar order)"
                 )
         app_may_start = runtime.sidecar_spec is None or runtime.startup_passed
@@ -543,7 +632,7 @@ class Kubelet:
                 reason = f"exited ({code}); back-off {delay:.1f}s"
                 container.next_start = time.monotonic() + delay
             self.say(
-                f"as kubelet: {owner}: container {container.name} {reason};"
+                f"lab as kubelet: {owner}: container {container.name} {reason};"
                 f" restart #{container.restarts}"
             )
             container.process = None
@@ -552,7 +641,7 @@ class Kubelet:
         container.process = self.lab.spawn(process_name, ns, argv)
         container.started = time.monotonic()
         self.say(
-            f"as kubelet: {owner}: started {announce or container.name}"
+            f"lab as kubelet: {owner}: started {announce or container.name}"
             f" (pid {container.process.popen.pid})"
         )
         return True
@@ -564,18 +653,17 @@ class Kubelet:
         def state(up: bool) -> Obj:
             return {"running": {}} if up else {"waiting": {"reason": "ContainerCreating"}}
 
+        ready = app_up and (runtime.sidecar_spec is None or runtime.sidecar_ready)
         status: Obj = {
             "phase": "Running" if app_up else "Pending",
             "hostIP": POD_GATEWAY_IP,
+            "hostIPs": [{"ip": POD_GATEWAY_IP}],
             "podIP": ip,
             "podIPs": [{"ip": ip}],
+            # Merged by type (strategic merge patch): the scheduler's PodScheduled stays.
             "conditions": [
-                {
-                    "type": "Ready",
-                    "status": "True"
-                    if app_up and (runtime.sidecar_spec is None or runtime.sidecar_ready)
-                    else "False",
-                }
+                {"type": kind, "status": "True" if ready else "False"}
+                for kind in ("ContainersReady", "Ready")
             ],
             "containerStatuses": [
                 {
@@ -603,12 +691,11 @@ class Kubelet:
         if status == runtime.reported:
             return
         try:
-            self.plane.call(
+            self.api.call(
                 "PATCH",
                 f"/api/v1/namespaces/{runtime.namespace}/pods/{runtime.name}/status",
                 {"status": status},
-                "application/merge-patch+json",
-                agent=KUBELET_AGENT,
+                "application/strategic-merge-patch+json",
             )
         except ApiCallError as error:
             if error.status != 404:  # deleted meanwhile: the next sync stops it
@@ -619,9 +706,10 @@ class Kubelet:
     # ---- the gateway DaemonSet's pod --------------------------------------------------------
     def _sync_gateway(self) -> bool:
         directory = self.root / "gateway"
-        config_dir, key_dir = directory / "config", directory / "host-key"
+        config_dir = directory / "config"
+        # No Pod object names the ConfigMap (the lab plays the DaemonSet's pod), so the Node
+        # authorizer would refuse the node: read as the administrator.
         config = self.plane.get("configmaps", CONNECTOR_NAMESPACE, GATEWAY_CONFIGMAP)
-        secret = self.plane.get("secrets", CONNECTOR_NAMESPACE, host_key_secret_name(self.node))
         text = str(((config or {}).get("data") or {}).get(f"{self.node}.yaml", ""))
         if text:
             try:
@@ -629,24 +717,24 @@ class Kubelet:
             except NotTestNet as error:
                 if text != self._gateway_config_seen:
                     self._gateway_config_seen = text
-                    self.say(f"as gateway DaemonSet: {error}")
+                    self.say(f"lab as gateway DaemonSet: {error}")
                 return False
         _sync_dir(config_dir, {f"{self.node}.yaml": text.encode()} if text else None, 0o644)
-        key = (secret or {}).get("data", {}).get("ssh-privatekey")
-        _sync_dir(key_dir, {"ssh-privatekey": base64.b64decode(key)} if key else None, 0o400)
         if text and text != self._gateway_config_seen:
             sources = text.count("sourceIP:")
             self.say(
-                f"as gateway DaemonSet: {GATEWAY_CONFIGMAP}/{self.node}.yaml"
-                f" {'written' if not self._gateway_config_seen else 'updated'}"
+                f"lab as kubelet: gateway pod's ConfigMap volume {GATEWAY_CONFIGMAP}/"
+                f"{self.node}.yaml {'written' if not self._gateway_config_seen else 'updated'}"
                 f" ({sources} source IP{'s' if sources != 1 else ''})"
             )
             self._gateway_config_seen = text
-        if not (text and key):
-            return False
         gateway = self.gateway
         if gateway.alive() or time.monotonic() < gateway.next_start:
             return False
+        if gateway.process is None and not self._gateway_node():
+            return False
+        if self._gateway_kubeconfig is None:
+            self._gateway_kubeconfig = self.plane.service_account_kubeconfig("gateway")
         self._start_container(
             f"gateway pod on {self.node}",
             gateway,
@@ -658,16 +746,32 @@ class Kubelet:
                 "gateway",
                 "--config",
                 str(config_dir / f"{self.node}.yaml"),
-                "--host-key",
-                str(key_dir / "ssh-privatekey"),
+                "--wait-for-config",
+                "--host-key-secret",
+                host_key_secret_name(self.node),
+                "--namespace",
+                CONNECTOR_NAMESPACE,
+                "--kubeconfig",
+                str(self._gateway_kubeconfig),
+                "--node-name",
+                self.node,
                 "--manage-addresses",
                 GATEWAY_IFACE,
             ],
             "gateway",
-            announce=f"`k8s-ext-connector gateway --manage-addresses {GATEWAY_IFACE}` in"
-            f" netns {self.lab.gw_ns}",
+            announce=f"REAL `k8s-ext-connector gateway --host-key-secret"
+            f" {host_key_secret_name(self.node)} --manage-addresses {GATEWAY_IFACE}` (its"
+            f" ServiceAccount's token; host key and Lease through the API) in netns"
+            f" {self.lab.gw_ns}",
         )
         return True
+
+    def _gateway_node(self) -> bool:
+        """Whether the DaemonSet's nodeSelector (the gateway label) selects this node."""
+        node = self.api.get("nodes", "", self.node) or {}
+        labels = (node.get("metadata") or {}).get("labels") or {}
+        key, value = GATEWAY_LABEL
+        return bool(labels.get(key) == value)
 
     def restart_gateway(self) -> None:
         """Stop the gateway process; the sync loop starts it again (a pod restart)."""
@@ -678,7 +782,7 @@ class Kubelet:
     def _sync_proxy(self) -> None:
         rules: list[str] = []
         network = ipaddress.ip_network(SERVICE_CIDR)
-        for service in self.plane.objects("services"):
+        for service in self.api.objects("services"):
             meta, spec = service["metadata"], service.get("spec") or {}
             selector = spec.get("selector") or {}
             cluster_ip = spec.get("clusterIP") or ""
@@ -721,13 +825,13 @@ class Kubelet:
         apply(_NetnsIptables(self.lab.gw_ns), desired)
         if self._proxy is not None or rules:
             self.say(
-                f"as kube-proxy: {len(rules)} ClusterIP DNAT rule(s) in the gateway netns"
+                f"lab as kube-proxy: {len(rules)} ClusterIP DNAT rule(s) in the gateway netns"
                 " (Services with running pods)"
             )
         self._proxy = desired
 
     def _labels_match(self, selector: Mapping[str, str], runtime: PodRuntime) -> bool:
-        pod = self.plane.get("pods", runtime.namespace, runtime.name) or {}
+        pod = self.api.get("pods", runtime.namespace, runtime.name) or {}
         labels = (pod.get("metadata") or {}).get("labels") or {}
         return all(labels.get(k) == v for k, v in selector.items())
 
@@ -759,6 +863,12 @@ class Kubelet:
                 for name, c, ns in listed
                 if c.process is not None
             ]
+
+
+def _now(micro: bool = False) -> str:
+    """A timestamp as the API writes it (MicroTime for Leases)."""
+    now = datetime.datetime.now(datetime.UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.%fZ" if micro else "%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,11 @@ control plane, proved by connections.
 - ``lab down``: removes every namespace, process, rule and file, even after a crash.
 
 What is real: the network namespaces, the gateway and sidecar agents, the operator, the
-webhook, kubectl, and the project's API emulator as the API server. What the lab plays
-(and says so in its output): the kubelet, scheduler and kube-proxy (``lab/kubelet.py``),
-the gateway DaemonSet's pod (no chart yet), and DNS (pods dial the ClusterIP).
+webhook, and upstream Kubernetes (etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler and kubectl of the pinned release ``make install`` builds). What the lab
+plays (and says so in its output, line by line): the kubelet and kube-proxy
+(``lab/kubelet.py``), the gateway DaemonSet's pod and the operator's Deployment (processes
+it starts and restarts), and DNS (pods dial the ClusterIP).
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ from k8s_ext_connector.lab.session import (
     table,
 )
 from k8s_ext_connector.lab.tools import LAB_TOOLS, missing_message, missing_tools
+from k8s_ext_connector_testbed import binaries
 
 PROG = "k8s-ext-connector lab"
-UP_TIMEOUT = 90.0
+UP_TIMEOUT = 180.0  # the control plane alone starts in ~10 s, more on a busy machine
 
 
 def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -81,9 +84,9 @@ def _bring_up_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "The seed's walkthrough on network namespaces with the real operator, webhook,"
-        " gateway and sidecars (the project's API emulator as API server; the lab plays the"
-        " kubelet). Without a subcommand: up, checks, down; exit 0 only if every check"
-        " passes."
+        " gateway and sidecars and an upstream control plane (the lab plays the kubelet,"
+        " kube-proxy and DNS). Without a subcommand: up, checks, down; exit 0 only if every"
+        " check passes."
     )
     _common(parser, suppress=False)
     _bring_up_options(parser, suppress=False)
@@ -110,12 +113,11 @@ def _error(text: str) -> int:
 
 
 def _tool_found(command: str) -> bool:
-    if command == "kubectl":  # the lab also takes the one `make install` put in .tools/bin
+    if command in binaries.BINARIES:  # the pinned build, not whatever is on PATH
         try:
-            kubectl_binary()
-        except LabError:
+            return os.access(binaries.assets_dir() / command, os.X_OK)
+        except binaries.MissingBinaries:
             return False
-        return True
     return shutil.which(command) is not None
 
 

@@ -93,6 +93,11 @@ def _setns(path: Path) -> None:
         os.close(fd)
 
 
+def join(name: str) -> None:
+    """Move the calling thread into namespace ``name`` (threads it starts follow it)."""
+    _setns(NETNS_DIR / name)
+
+
 def call_in_netns(name: str, function: Callable[[], T], timeout: float = 120) -> T:
     """Run ``function`` on a fresh thread that has joined namespace ``name``."""
     outcome: dict[str, object] = {}

@@ -1,7 +1,8 @@
 """The seed's walkthrough on one machine with the real control plane: build, apply, check.
 
 ``LabSession.open`` builds the namespaces (``topology``), starts the external server, the
-control plane (``cluster``) and the lab's node (``kubelet``), and does the cluster
+upstream control plane with the operator and webhook (``cluster``) and the lab's node
+(``kubelet``), and does the cluster
 admin's and the user's steps with kubectl: namespaces ns1/ns2 labelled for injection,
 Services my-service1/my-service2, the gateway label on node gw1. ``walkthrough`` applies
 the ExternalService, creates the pods through the API (the webhook injects them), and
@@ -207,9 +208,17 @@ class LabSession:
             f" {', '.join(map(str, HTTP_PORTS))}, logging each client's source IP"
         )
         lab.start_external_server()
-        self.plane = plane = ControlPlane.start(
-            lab.workdir, self.state_dir / "kubeconfig", lambda t: say(f"control plane: {t}")
+        say(
+            "lab plays: the kubelet of node gw1 (runs pods as processes in their netns), kube-proxy"
+            " (ClusterIP DNAT on gw1), the gateway DaemonSet's pod, the operator's Deployment"
+            " (restarts), DNS (pods dial ClusterIPs); REAL: etcd, kube-apiserver,"
+            " kube-controller-manager, kube-scheduler, kubectl, the operator, webhook, gateway and"
+            " sidecars"
         )
+        self.plane = plane = ControlPlane.start(
+            lab, lab.workdir, self.state_dir / "kubeconfig", say
+        )
+        self.write_processes()
         plane.install()
         plane.on_operator_change(self.write_processes)
         plane.start_operator()
@@ -281,6 +290,14 @@ class LabSession:
         """Pods after the ExternalService: the webhook injects only pods a source selects
         when they are created (earlier ones would be named in SidecarsMissing)."""
         plane = self.cluster
+        for namespace in sorted({pod.namespace for pod in PODS}):
+            # The ServiceAccount admission plugin refuses pods until the serviceaccount
+            # controller made the namespace's `default` ServiceAccount.
+            _until(
+                lambda ns=namespace: plane.get("serviceaccounts", ns, "default"),  # type: ignore[misc]
+                timeout,
+                f"ServiceAccount {namespace}/default (the serviceaccount controller's)",
+            )
         for pod in PODS:
             if pod.service and (pod.namespace, pod.service) in sources:
                 _until(
@@ -318,7 +335,7 @@ class LabSession:
                 if injected
                 else "as is (not injected)"
             )
-            self.say(f"control plane: pod {pod.namespace}/{pod.name} stored {how}")
+            self.say(f"REAL API server: pod {pod.namespace}/{pod.name} stored {how}")
 
     def wait_ready(self, ref: Ref, timeout: float = 30) -> Obj:
         plane = self.cluster
@@ -481,12 +498,17 @@ class LabSession:
 
     def _write_processes(self) -> None:
         processes: list[dict[str, object]] = []
+        if self.plane is not None:
+            processes += [
+                {"name": name, "pid": pid, "netns": self.plane.upstream.netns or ""}
+                for name, pid in self.plane.pids().items()
+            ]
         if self.plane is not None and self.plane.operator is not None:
             processes.append(
                 {
                     "name": "operator",
                     "pid": self.plane.operator.popen.pid,
-                    "netns": "",
+                    "netns": self.plane.upstream.netns or "",
                     "restarts": self.plane.operator_restarts,
                 }
             )

@@ -5,9 +5,10 @@ The state directory (default ``/run/k8s-ext-connector-lab``) holds ``kubeconfig`
 ``lab.json`` (the owning process, the namespace prefix, the work directory),
 ``processes.json`` (every process the lab started, kept current) and, for ``lab up``,
 ``supervisor.log``. ``teardown`` stops the owner, then kills whatever of the recorded
-processes survived, deletes every namespace with the prefix (which removes their
-interfaces, addresses, routes and iptables rules), sweeps orphaned lab namespaces, and
-removes the work and state directories.
+processes survived, deletes every namespace with the prefix (which kills what still runs
+in them, the control plane's etcd, API server, controller-manager and scheduler included,
+and removes their interfaces, addresses, routes and iptables rules), sweeps orphaned lab
+namespaces and control-plane directories, and removes the work and state directories.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from k8s_ext_connector.lab import netns
+from k8s_ext_connector_testbed import controlplane
 
 STATE_DIR = Path("/run/k8s-ext-connector-lab")
 LAB_FILE = "lab.json"
@@ -77,12 +79,14 @@ def read_processes(state_dir: Path) -> list[dict[str, Any]]:
 
 
 def is_ours(pid: int) -> bool:
-    """Whether ``pid`` is alive and one of this project's processes (not a reused pid)."""
+    """Whether ``pid`` is alive and one of this project's processes (not a reused pid): an
+    agent, or a control-plane binary (its arguments name the control plane's directory)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return b"k8s_ext_connector" in cmdline or b"k8s-ext-connector" in cmdline
+    markers = (b"k8s_ext_connector", b"k8s-ext-connector", controlplane.BASE_DIR_NAME.encode())
+    return any(marker in cmdline for marker in markers)
 
 
 def teardown(state_dir: Path, grace: float = 20) -> list[str]:
@@ -112,6 +116,7 @@ def teardown(state_dir: Path, grace: float = 20) -> list[str]:
             netns.delete(entry.name)
             done.append(f"deleted namespace {entry.name}")
     done += [f"deleted orphaned namespace {name}" for name in netns.sweep_orphans()]
+    done += [f"removed control-plane directory {d}" for d in controlplane.sweep_orphans()]
     workdir = Path(record.workdir) if record is not None else None
     if (
         record is not None

@@ -5,7 +5,9 @@ missing iptables-nft-restore, a namespace that was never made); checking first g
 line naming what to install. The list is what the lab itself executes: ``ip`` for the
 namespaces, the nft backend of iptables for the lab's and the agents' rules (empty lab
 namespaces make the agents pick nft), ``setpriv`` to tie the operator's life to the lab's,
-``kubectl`` for the manifests. OpenSSH and ``nft`` are not used by the lab (the gateway
+and the pinned Kubernetes binaries ``make install`` builds (``scripts/kube-binaries.sh``:
+etcd, kube-apiserver, kube-controller-manager, kube-scheduler, and the kubectl the user
+types). OpenSSH and ``nft`` are not used by the lab (the gateway
 is asyncssh; the tests and the benchmark need them, and ``make install`` installs them).
 """
 
@@ -14,6 +16,11 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from k8s_ext_connector_testbed.binaries import BINARIES
+
+# Builds the pinned Kubernetes release from source the first time (minutes; README.md).
+KUBE_BUILD = "make install"
 
 
 @dataclass(frozen=True)
@@ -27,7 +34,7 @@ LAB_TOOLS = (
     Tool("iptables-nft-restore", "apt-get install iptables"),
     Tool("iptables-nft-save", "apt-get install iptables"),
     Tool("setpriv", "apt-get install util-linux"),
-    Tool("kubectl", "make install"),
+    *(Tool(name, KUBE_BUILD) for name in BINARIES),
 )
 
 

@@ -52,6 +52,9 @@ from k8s_ext_connector.core.config import GatewayConfig, SidecarConfig, dump
 from k8s_ext_connector.lab import netns
 
 POD_GATEWAY_IP = "198.51.100.1"
+# The control-plane "node" of the lab (``Lab.add_control_plane``): on the pod network, as
+# a cluster's API server is reachable from its nodes and pods.
+CONTROL_PLANE_IP = "198.51.100.2"
 POD_PREFIX = 25
 POD_CIDR = f"198.51.100.0/{POD_PREFIX}"  # the pods' network: what may reach the SSH port
 SERVICE_CIDR = "198.51.100.128/25"
@@ -136,6 +139,7 @@ class Lab:
     gw_ns: str
     pods: dict[str, Pod] = field(default_factory=dict)
     processes: list[Process] = field(default_factory=list)
+    cp_ns: str | None = None  # see add_control_plane
     gateway: Process | None = None
     host_key: KeyPair = field(default_factory=generate_key_pair)
     # Emulated ClusterIP -> (pod IP, ports), see emulate_cluster_ip.
@@ -228,6 +232,21 @@ class Lab:
     @staticmethod
     def _ip(ns: str, *args: str) -> None:
         netns.sh(["ip", "-n", ns, *args])
+
+    def add_control_plane(self) -> str:
+        """A namespace for the control plane, ``CONTROL_PLANE_IP`` on the pod network's
+        bridge: the gateway node and the pods reach the API server there, and the API
+        server reaches a webhook listening in the same namespace. Returns its name."""
+        self.cp_ns = f"{self.prefix}-cp"
+        netns.add(self.cp_ns)
+        self._ip(
+            self.gw_ns, "link", "add", "vcp", "type", "veth", "peer", "name", "eth0",
+            "netns", self.cp_ns,
+        )  # fmt: skip
+        self._ip(self.gw_ns, "link", "set", "vcp", "master", "br0", "up")
+        self._ip(self.cp_ns, "addr", "add", f"{CONTROL_PLANE_IP}/{POD_PREFIX}", "dev", "eth0")
+        self._ip(self.cp_ns, "link", "set", "eth0", "up")
+        return self.cp_ns
 
     def enable_routing(self) -> None:
         """Benchmark baseline only: let the node route pods straight to the server."""
@@ -510,7 +529,8 @@ class Lab:
         for process in reversed(self.processes):
             with contextlib.suppress(Exception):
                 process.stop(timeout=5)
-        for ns in [pod.netns for pod in self.pods.values()] + [self.gw_ns, self.ext_ns]:
+        namespaces = [pod.netns for pod in self.pods.values()] + [self.gw_ns, self.ext_ns]
+        for ns in namespaces + ([self.cp_ns] if self.cp_ns else []):
             netns.delete(ns)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
