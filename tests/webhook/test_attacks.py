@@ -83,7 +83,7 @@ class Server:
         wait_for(quick, timeout=5, what="an ordinary admission within 100 ms", interval=0.2)
         wait_for(
             lambda: self.rss() <= rss_start * 1.2,
-            timeout=15,
+            timeout=30,
             what=f"RSS back within 20% of {rss_start} kB (now {self.rss()} kB)",
             interval=0.5,
         )
