@@ -296,14 +296,21 @@ class ControlPlane:
             )
         return result
 
-    def api(self, method: str, path: str, body: Obj | None = None) -> tuple[int, Obj]:
+    def api(
+        self,
+        method: str,
+        path: str,
+        body: Obj | None = None,
+        content_type: str = "application/json",
+    ) -> tuple[int, Obj]:
         """One API call as the administrator: (HTTP status, decoded JSON body); a body that
-        is not JSON (``/readyz`` answers ``ok``) comes back as ``{"text": ...}``."""
+        is not JSON (``/readyz`` answers ``ok``) comes back as ``{"text": ...}``. A PATCH
+        names its kind in ``content_type`` (``application/merge-patch+json``, ...)."""
 
         def call() -> tuple[int, Obj]:
             data = json.dumps(body).encode() if body is not None else None
             request = urllib.request.Request(self.server + path, data=data, method=method)  # noqa: S310
-            request.add_header("Content-Type", "application/json")
+            request.add_header("Content-Type", content_type)
             try:
                 with urllib.request.urlopen(request, context=self._client_tls(), timeout=10) as r:  # noqa: S310
                     return r.status, _decode(r.read())
