@@ -225,7 +225,7 @@ class Cluster:
 
 
 def _status(name: str, ready: bool) -> dict[str, Any]:
-    """A container status as a kubelet writes it (the server requires image and state)."""
+    """A container status with the fields a kubelet writes."""
     return {
         "name": name,
         "ready": ready,
