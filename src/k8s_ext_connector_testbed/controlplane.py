@@ -47,7 +47,7 @@ import yaml
 
 from k8s_ext_connector.certs.tls import Issued
 from k8s_ext_connector.lab.netns import call_in_netns
-from k8s_ext_connector_testbed import binaries, pki
+from k8s_ext_connector_testbed import audit, binaries, pki
 
 T = TypeVar("T")
 Obj = dict[str, Any]
@@ -165,6 +165,7 @@ class ControlPlane:
         service_cidr: str = DEFAULT_SERVICE_CIDR,
         start_timeout: float = 120.0,
         say: Callable[[str], None] | None = None,
+        audit_log: bool = False,
     ) -> None:
         network = ipaddress.ip_network(service_cidr)
         self.netns = netns
@@ -173,6 +174,7 @@ class ControlPlane:
         self.kubernetes_service_ip = str(next(network.hosts()))
         self.start_timeout = start_timeout
         self._say = say or (lambda text: None)
+        self.audit_log = audit_log  # record every request (audit.py; ``audit_calls``)
         self.binaries = binaries.find()
         self.directory = base_dir() / f"{os.getpid()}-{next(_counter)}"
         self._processes: list[_Process] = []
@@ -294,14 +296,21 @@ class ControlPlane:
             )
         return result
 
-    def api(self, method: str, path: str, body: Obj | None = None) -> tuple[int, Obj]:
+    def api(
+        self,
+        method: str,
+        path: str,
+        body: Obj | None = None,
+        content_type: str = "application/json",
+    ) -> tuple[int, Obj]:
         """One API call as the administrator: (HTTP status, decoded JSON body); a body that
-        is not JSON (``/readyz`` answers ``ok``) comes back as ``{"text": ...}``."""
+        is not JSON (``/readyz`` answers ``ok``) comes back as ``{"text": ...}``. A PATCH
+        names its kind in ``content_type`` (``application/merge-patch+json``, ...)."""
 
         def call() -> tuple[int, Obj]:
             data = json.dumps(body).encode() if body is not None else None
             request = urllib.request.Request(self.server + path, data=data, method=method)  # noqa: S310
-            request.add_header("Content-Type", "application/json")
+            request.add_header("Content-Type", content_type)
             try:
                 with urllib.request.urlopen(request, context=self._client_tls(), timeout=10) as r:  # noqa: S310
                     return r.status, _decode(r.read())
@@ -333,6 +342,20 @@ class ControlPlane:
             self.server, self.pki.ca.cert_pem, {"token": body["status"]["token"]}
         )
         return self._write(f"sa-{namespace}-{name}.kubeconfig", text)
+
+    def audit_calls(self, user: str | None = None) -> list[audit.AuditCall]:
+        """The resource requests the API server recorded so far (``audit_log=True``)."""
+        assert self.audit_log, "started without audit_log=True"
+        return audit.read(self.directory / "audit" / "audit.log", user)
+
+    def node_kubeconfig(self, node: str) -> Path:
+        """A kubeconfig with the client certificate a kubelet of ``node`` holds
+        (``system:node:<node>`` in ``system:nodes``): what the Node authorizer and the
+        NodeRestriction admission plugin judge."""
+        assert self.pki is not None, "not started"
+        user = client_cert_user(pki.node_client(self.pki.ca, node))
+        text = kubeconfig_yaml(self.server, self.pki.ca.cert_pem, user)
+        return self._write(f"node-{node}.kubeconfig", text)
 
     # ---- processes --------------------------------------------------------------------------
     def _ns_prefix(self) -> list[str]:
@@ -421,6 +444,7 @@ class ControlPlane:
             # Service's ClusterIP: no kube-proxy runs on the API server's side.
             "--enable-aggregator-routing=true",
             "--profiling=false",
+            *(audit.apiserver_args(self.directory / "audit") if self.audit_log else []),
         ]
 
     def _component_common(

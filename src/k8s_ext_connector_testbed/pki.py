@@ -112,6 +112,11 @@ def apiserver_names(address: str, kubernetes_service_ip: str) -> tuple[str, ...]
     return (*names, kubernetes_service_ip, *((address,) if address != "127.0.0.1" else ()))
 
 
+def node_client(ca: Issued, node: str) -> Issued:
+    """A kubelet's client certificate, as its TLS bootstrap would get it."""
+    return _issue(ca, f"system:node:{node}", ("system:nodes",), client=True)
+
+
 def cluster_pki(address: str, kubernetes_service_ip: str) -> ClusterPki:
     ca = generate_ca("kubernetes", LIFETIME)
     front_proxy_ca = generate_ca("front-proxy-ca", LIFETIME)

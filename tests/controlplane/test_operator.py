@@ -1,19 +1,25 @@
-"""The real operator (kopf's runner, as a subprocess) against the emulated API server.
+"""The real operator (kopf's runner, as a subprocess) against a real API server.
 
-The user's actions go through kubectl. The harness plays the parts no API server plays:
-the kubelet (Node Ready conditions, pod container statuses including the sidecar's
-readiness) and the webhook (pods are created with the sidecar container already in
-them). Each is done explicitly below, over HTTP, and named so.
+The operator runs with its own ServiceAccount's token under the chart's RBAC (rendered by
+helm), so a call its Role does not grant is a real 403; the API server's audit log says
+what it asked for. The CRD is the chart's, enforced by the server. The user's actions go
+through kubectl (the pinned release) as the cluster's administrator. The harness plays
+the parts nothing runs here: the kubelet (Node Ready conditions and addresses, pod
+container statuses including the sidecar's readiness; its pods name a scheduler that does
+not run, so none is bound to a node no kubelet serves) and the webhook (pods are created
+with the sidecar container already in them). Each is done explicitly below, as the
+administrator, and named so.
+
+One control plane serves the module; each test starts from the same state (the
+``cluster`` fixture puts back what a test changed).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,30 +29,78 @@ from typing import Any
 import pytest
 import yaml
 
-from k8s_ext_connector.core.api import GATEWAY_NODE_LABEL, ServiceRef
+from k8s_ext_connector.core.api import (
+    GATEWAY_NODE_LABEL,
+    SELF_ASSIGNABLE_GATEWAY_LABEL,
+    ServiceRef,
+)
 from k8s_ext_connector.core.gateway_status import lease_body
-from k8s_ext_connector.emulator import ApiServer
-from k8s_ext_connector.emulator.clients import run_kubectl
 from k8s_ext_connector.operator import rbac
 from k8s_ext_connector.webhook.inject import InjectionContext, inject
+from k8s_ext_connector_testbed.controlplane import ControlPlane
+from tests.chart.helm import RELEASE_NAMESPACE
+from tests.controlplane import chartcluster as realcluster
+from tests.controlplane.chartcluster import (  # noqa: F401
+    CONNECTOR_NAMESPACE,
+    control_plane,
+)
 from tests.unit.samples import SEED_MANIFEST
 
-ROOT = Path(__file__).parents[2]
-CRD = ROOT / "charts" / "k8s-ext-connector" / "crds" / "externalservices.submariner.io.yaml"
+pytestmark = pytest.mark.kube
 GATEWAY_LABEL = GATEWAY_NODE_LABEL[0]
+SOURCE_NAMESPACES = ("ns1", "ns2")
+NO_SCHEDULER = "example.com/no-scheduler"  # no scheduler of that name runs: pods stay unbound
 
 SEED = SEED_MANIFEST  # the seed's example, unchanged
 
 
+def _path(group: str, plural: str, namespace: str = "", name: str = "") -> str:
+    path = "/api/v1" if not group else f"/apis/{group}/v1"
+    if group == "submariner.io":
+        path = "/apis/submariner.io/v1alpha1"
+    path += f"/namespaces/{namespace}" if namespace else ""
+    return f"{path}/{plural}" + (f"/{name}" if name else "")
+
+
+@dataclass
+class Objects:
+    """Reading objects as the administrator."""
+
+    cp: ControlPlane
+
+    def get_object(
+        self, group: str, version: str, plural: str, namespace: str, name: str
+    ) -> dict[str, Any] | None:
+        status, body = self.cp.api("GET", _path(group, plural, namespace, name))
+        assert status in (200, 404), (status, body)
+        return body if status == 200 else None
+
+    def list_objects(
+        self, group: str, version: str, plural: str, namespace: str
+    ) -> list[dict[str, Any]]:
+        status, body = self.cp.api("GET", _path(group, plural, namespace))
+        assert status == 200, (status, body)
+        items: list[dict[str, Any]] = body["items"]
+        return items
+
+
 @dataclass
 class Cluster:
-    api: ApiServer
-    kubeconfig: Path
+    cp: ControlPlane
     workdir: Path
     operator: subprocess.Popen[bytes] | None = None
+    audit_since: int = 0  # the operator's calls before this test (the audit log's index)
+
+    @property
+    def api(self) -> Objects:
+        return Objects(self.cp)
+
+    @property
+    def operator_kubeconfig(self) -> Path:
+        return realcluster.kubeconfig(self.cp, "operator")
 
     def kubectl(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
-        result = run_kubectl(self.kubeconfig, args, stdin, self.workdir / "kube-cache")
+        result = self.cp.kubectl(*args, input_text=stdin, check=False)
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)}: {result.stderr}")
         return result.stdout
@@ -58,15 +112,9 @@ class Cluster:
         body: object = None,
         content_type: str = "application/merge-patch+json",
     ) -> dict[str, Any]:
-        request = urllib.request.Request(
-            self.api.url + path,
-            method=method,
-            data=json.dumps(body).encode() if body is not None else None,
-            headers={"Content-Type": content_type, "User-Agent": "test-harness"},
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            result: dict[str, Any] = json.loads(response.read() or b"{}")
-            return result
+        status, result = self.cp.api(method, path, body, content_type)  # type: ignore[arg-type]
+        assert status < 300, (method, path, status, result)
+        return result
 
     # -- the kubelet's part --------------------------------------------------------------
     def node(self, name: str, ready: bool = True, gateway: bool = True) -> None:
@@ -78,10 +126,19 @@ class Cluster:
                 {"metadata": {"name": name, "labels": labels}},
                 "application/json",
             )
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        condition = {
+            "type": "Ready",
+            "status": "True" if ready else "False",
+            "reason": "KubeletReady" if ready else "KubeletNotReady",
+            "lastHeartbeatTime": now,
+            "lastTransitionTime": now,
+        }
         self.http(
             "PATCH",
             f"/api/v1/nodes/{name}/status",
-            {"status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}},
+            {"status": {"conditions": [condition]}},
+            "application/strategic-merge-patch+json",
         )
 
     def pod(
@@ -90,12 +147,18 @@ class Cluster:
         """A pod as the webhook would have injected it and the kubelet would report it."""
         body: dict[str, Any] = {
             "metadata": {"name": name, "namespace": namespace, "labels": {"app": app}},
-            "spec": {"containers": [{"name": "app", "image": "app"}]},
+            "spec": {
+                "schedulerName": NO_SCHEDULER,
+                "containers": [{"name": "app", "image": "app"}],
+            },
         }
         if sidecar:
             body = inject(body, InjectionContext((ServiceRef(namespace, app),)))
-        self.http("POST", f"/api/v1/namespaces/{namespace}/pods", body, "application/json")
-        statuses = [{"name": "ext-connector", "ready": ready}] if sidecar else []
+        created = self.http(
+            "POST", f"/api/v1/namespaces/{namespace}/pods", body, "application/json"
+        )
+        sidecars = [c["name"] for c in created["spec"].get("initContainers", [])]
+        statuses = [_status(n, ready) for n in sidecars]
         self.http(
             "PATCH",
             f"/api/v1/namespaces/{namespace}/pods/{name}/status",
@@ -103,7 +166,7 @@ class Cluster:
                 "status": {
                     "phase": "Running",
                     "initContainerStatuses": statuses,
-                    "containerStatuses": [{"name": "app", "ready": True}],
+                    "containerStatuses": [_status("app", True)],
                 }
             },
         )
@@ -139,6 +202,8 @@ class Cluster:
         *extra: str,
         log_name: str = "operator.log",
     ) -> subprocess.Popen[bytes]:
+        """The operator as the chart runs it: its own token, its Lease in the release
+        namespace."""
         handle = (self.workdir / log_name).open("ab")
         process = subprocess.Popen(
             [
@@ -147,7 +212,9 @@ class Cluster:
                 "k8s_ext_connector",
                 "operator",
                 "--kubeconfig",
-                str(self.kubeconfig),
+                str(self.operator_kubeconfig),
+                "--lease-namespace",
+                RELEASE_NAMESPACE,
                 "--log-level",
                 "info",
                 *extra,
@@ -160,40 +227,90 @@ class Cluster:
         return process
 
 
+def _status(name: str, ready: bool) -> dict[str, Any]:
+    """A container status with the fields a kubelet writes."""
+    return {
+        "name": name,
+        "ready": ready,
+        "restartCount": 0,
+        "image": "example.com/image:1",
+        "imageID": "",
+        "state": {"running": {"startedAt": "2024-01-01T00:00:00Z"}},
+    }
+
+
+def _stop(process: subprocess.Popen[bytes] | None) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _source_services(c: Cluster) -> None:
+    for ns, name in (("ns1", "my-service1"), ("ns2", "my-service2")):
+        c.kubectl(
+            "apply",
+            "-f",
+            "-",
+            stdin=yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "metadata": {"name": name, "namespace": ns},
+                    "spec": {"selector": {"app": name}, "ports": [{"port": 80}]},
+                }
+            ),
+        )
+
+
+def _reset(c: Cluster) -> None:
+    """Back to the module's starting state: no ExternalService (finalizers dropped: no
+    operator runs now), none of the objects a test made, no nodes."""
+    for es in c.api.list_objects("submariner.io", "v1alpha1", "externalservices", ""):
+        meta = es["metadata"]
+        path = _path("submariner.io", "externalservices", meta["namespace"], meta["name"])
+        c.cp.api("PATCH", path, {"metadata": {"finalizers": None}}, "application/merge-patch+json")
+        c.cp.api("DELETE", path)
+    kinds = "services,configmaps,secrets,pods,leases,events"
+    for ns in (*SOURCE_NAMESPACES, CONNECTOR_NAMESPACE):
+        c.kubectl("delete", kinds, "--all", "-n", ns, "--wait=false")
+    c.kubectl("delete", "leases,events", "--all", "-n", RELEASE_NAMESPACE, "--wait=false")
+    c.kubectl("delete", "events", "--all", "-n", "default", "--wait=false")
+    c.kubectl("delete", "nodes", "--all", "--wait=false")
+
+
+@pytest.fixture(scope="module")
+def namespaces(control_plane: ControlPlane) -> ControlPlane:  # noqa: F811
+    """The source namespaces, each with its ``default`` ServiceAccount (pods need it)."""
+    for ns in SOURCE_NAMESPACES:
+        control_plane.kubectl("create", "ns", ns)
+    for ns in SOURCE_NAMESPACES:
+        deadline = time.monotonic() + 30
+        path = f"/api/v1/namespaces/{ns}/serviceaccounts/default"
+        while control_plane.api("GET", path)[0] != 200:
+            assert time.monotonic() < deadline, f"no default ServiceAccount in {ns}"
+            time.sleep(0.1)
+    return control_plane
+
+
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    """Emulated API with the CRD, namespaces, source Services, a gateway node, and the
-    operator running."""
-    api = ApiServer()
-    with api.run_in_thread():
-        c = Cluster(api, api.write_kubeconfig(tmp_path / "kubeconfig"), tmp_path)
-        c.kubectl("apply", "-f", str(CRD))
-        for ns in ("external-services", "ns1", "ns2"):
-            c.kubectl("create", "ns", ns)
-        for ns, name in (("ns1", "my-service1"), ("ns2", "my-service2")):
-            c.kubectl(
-                "apply",
-                "-f",
-                "-",
-                stdin=yaml.safe_dump(
-                    {
-                        "apiVersion": "v1",
-                        "kind": "Service",
-                        "metadata": {"name": name, "namespace": ns},
-                        "spec": {"selector": {"app": name}, "ports": [{"port": 80}]},
-                    }
-                ),
-            )
+def cluster(namespaces: ControlPlane, tmp_path: Path) -> Iterator[Cluster]:
+    """The CRD and the chart's RBAC, the source namespaces and Services, a gateway node,
+    and the operator running with its own token."""
+    c = Cluster(namespaces, tmp_path)
+    try:
+        _source_services(c)
         c.node("gw1")
+        c.audit_since = len(realcluster.calls(c.cp, "operator"))
         c.operator = c.start_operator("--no-leader-election")
-        try:
-            yield c
-        finally:
-            c.operator.terminate()
-            try:
-                c.operator.wait(10)
-            except subprocess.TimeoutExpired:
-                c.operator.kill()
+        yield c
+    finally:
+        _stop(c.operator)
+        _reset(c)
 
 
 def ready_pods(c: Cluster) -> None:
@@ -236,21 +353,10 @@ def test_seed_example_becomes_ready_with_every_object(cluster: Cluster) -> None:
     assert [s["gatewayNode"] for s in status["sources"]] == ["gw1", "gw1"]
     table = c.kubectl("get", "externalservices")
     assert table.split("\n")[0].split() == [
-        "NAME",
-        "TARGET",
-        "SOURCES",
-        "READY",
-        "GENERATION",
-        "OBSERVED",
-        "AGE",
+        "NAME", "TARGET", "SOURCES", "READY", "GENERATION", "OBSERVED", "AGE"
     ]
     assert table.split("\n")[1].split()[:6] == [
-        "my-externalservice",
-        "192.168.122.139",
-        "2",
-        "2/2",
-        "1",
-        "1",
+        "my-externalservice", "192.168.122.139", "2", "2/2", "1", "1"
     ]
     assert "my-externalservice" in c.kubectl("get", "extsvc", "-A")
     events = c.api.list_objects("", "v1", "events", "default")
@@ -310,86 +416,111 @@ def test_edit_then_delete_follows_and_cleans_up(cluster: Cluster) -> None:
     assert yaml.safe_load(gateway["data"]["gw1.yaml"])["sources"] == []
 
 
-BAD_CASES = {
+def _bad(old: str, new: str) -> str:
+    """The seed with one change, named ``bad``, on another target and other source IPs, so
+    the only problem is the one under test."""
+    bad = SEED.replace(old, new).replace("name: my-externalservice", "name: bad")
+    bad = bad.replace("192.168.122.139", "192.168.122.140")
+    return bad.replace("192.168.122.200", "192.168.122.210").replace(
+        "192.168.122.201", "192.168.122.211"
+    )
+
+
+# What the CRD's schema and CEL rules refuse at apply on a real API server: (old, new, what
+# the server says). The operator's own check of each (for an older CRD that lets them
+# through, which the emulator played) stays in tests/unit; here the object never exists.
+REFUSED_AT_APPLY = {
     "invalid-target-ip": (
         "targetIP: 192.168.122.139",
         "targetIP: 300.1.1.1",
-        ("Accepted", "False", "InvalidSpec"),
-        "spec.targetIP: '300.1.1.1'",
+        "spec.targetIP: Invalid value: \"string\": targetIP 300.1.1.1 is not an IPv4 address",
     ),
     "udp": (
         "{protocol: TCP, port: 8000",
         "{protocol: UDP, port: 8000",
-        ("Accepted", "False", "InvalidSpec"),
-        "only TCP",
-    ),
-    "missing-service": (
-        "name: my-service2}",
-        "name: nothing}",
-        ("Accepted", "False", "SourceServiceNotFound"),
-        "ns2/nothing",
+        "spec.ports[0].protocol: Invalid value: \"string\": only TCP is supported for now",
     ),
     "unknown-field": (
         "  targetIP:",
         "  colour: blue\n  targetIP:",
-        ("Accepted", "False", "InvalidSpec"),
-        "spec.colour",
+        'strict decoding error: unknown field "spec.colour"',
     ),
-    # What the CRD refuses at apply on a real API server, but an older CRD (or this
-    # emulator, which evaluates no CEL) lets through: refused in status, never Accepted.
     "ipv6-source": (
         "sourceIP: 192.168.122.201",
         "sourceIP: '2001:db8::5'",
-        ("Accepted", "False", "IPv6NotSupported"),
-        "spec.sources[1].sourceIP: 2001:db8::5 is an IPv6 address; IPv6 is not supported yet",
+        "spec.sources[1].sourceIP: Invalid value: \"string\": sourceIP 2001:db8::5 is IPv6",
     ),
     "leading-zero": (
         "targetIP: 192.168.122.139",
         "targetIP: 192.168.122.010",
-        ("Accepted", "False", "InvalidSpec"),
-        "spec.targetIP: '192.168.122.010': must be an IPv4 address in dotted-quad form "
-        "without leading zeros",
+        "targetIP 192.168.122.010 is not an IPv4 address in dotted-quad form without leading "
+        "zeros",
     ),
     "duplicate-source-ip": (
         "sourceIP: 192.168.122.201",
         "sourceIP: 192.168.122.200",
-        ("Accepted", "False", "DuplicateSourceIP"),
-        "spec.sources[1].sourceIP: 192.168.122.210 is already the sourceIP of spec.sources[0]",
+        "spec.sources: Invalid value: \"array\": a sourceIP is listed more than once",
     ),
     "duplicate-port": (
         "- {protocol: TCP, port: 8000, targetPort: 8000}",
         "- {protocol: TCP, port: 8000, targetPort: 8000}\n  - {port: 8000, targetPort: 9000}",
-        ("Accepted", "False", "DuplicatePort"),
-        "spec.ports[1].port: 8000 is already listed in spec.ports[0]",
+        "spec.ports: Invalid value: \"array\": a port is listed more than once",
     ),
     "source-is-target": (
         "sourceIP: 192.168.122.201",
         "sourceIP: 192.168.122.139",
-        ("Accepted", "False", "SourceIPIsTarget"),
-        "spec.sources[1].sourceIP: 192.168.122.140 is also spec.targetIP",
+        "sourceIP 192.168.122.140 is also the targetIP",
     ),
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_CASES))
-def test_bad_input_shows_in_status_and_events_and_spares_others(
+@pytest.mark.parametrize("case", sorted(REFUSED_AT_APPLY))
+def test_bad_input_is_refused_at_apply_naming_the_field_and_spares_others(
     cluster: Cluster, case: str
 ) -> None:
     c = cluster
     ready_pods(c)
     c.kubectl("apply", "-f", "-", stdin=SEED)
     c.wait(lambda: c.condition("Ready")[0] == "True", "the good one Ready")
-    old, new, (kind, status, reason), message = BAD_CASES[case]
-    # Another target, so the only problem is the one under test.
-    bad = SEED.replace(old, new).replace("name: my-externalservice", "name: bad")
-    bad = bad.replace("192.168.122.139", "192.168.122.140")
-    bad = bad.replace("192.168.122.200", "192.168.122.210").replace(
-        "192.168.122.201", "192.168.122.211"
-    )
-    c.kubectl("apply", "-f", "-", stdin=bad)
+    old, new, said = REFUSED_AT_APPLY[case]
+    applied = c.cp.kubectl("apply", "-f", "-", input_text=_bad(old, new), check=False)
+    assert applied.returncode != 0, applied.stdout
+    assert said in applied.stderr, applied.stderr
+    assert c.es("bad") == {}
+    assert c.condition("Ready") == ("True", "TunnelsReady")  # the other one is unaffected
+    gateway = c.api.get_object("", "v1", "configmaps", "external-services", "ext-connector-gateway")
+    assert gateway is not None
+    sources = yaml.safe_load(gateway["data"]["gw1.yaml"])["sources"]
+    assert [s["sourceIP"] for s in sources] == ["192.168.122.200", "192.168.122.201"]
+
+
+def test_an_unknown_field_kubectl_does_not_check_is_pruned_by_the_server(
+    cluster: Cluster,
+) -> None:
+    """``--validate=false`` (or a client without field validation): the structural schema
+    drops the field before the operator sees it; what remains is a valid ExternalService."""
+    c = cluster
+    ready_pods(c)
+    c.kubectl("apply", "--validate=false", "-f", "-", stdin=SEED.replace(
+        "  targetIP:", "  colour: blue\n  targetIP:"
+    ))  # fmt: skip
+    c.wait(lambda: c.condition("Ready") == ("True", "TunnelsReady"), "Ready")
+    assert "colour" not in c.es()["spec"]
+
+
+def test_a_missing_source_service_shows_in_status_and_events_and_spares_others(
+    cluster: Cluster,
+) -> None:
+    """What no schema can know (another object's existence) is the operator's to report."""
+    c = cluster
+    ready_pods(c)
+    c.kubectl("apply", "-f", "-", stdin=SEED)
+    c.wait(lambda: c.condition("Ready")[0] == "True", "the good one Ready")
+    c.kubectl("apply", "-f", "-", stdin=_bad("name: my-service2}", "name: nothing}"))
+    kind, status, reason = "Accepted", "False", "SourceServiceNotFound"
     c.wait(lambda: c.condition(kind, "bad") == (status, reason), f"{kind}={status} {reason}")
     conditions = c.es("bad")["status"]["conditions"]
-    assert message in next(x["message"] for x in conditions if x["type"] == kind)
+    assert "ns2/nothing" in next(x["message"] for x in conditions if x["type"] == kind)
     c.wait(
         lambda: any(
             e["reason"] == reason and e["involvedObject"]["name"] == "bad"
@@ -399,8 +530,6 @@ def test_bad_input_shows_in_status_and_events_and_spares_others(
     )
     assert c.condition("Ready") == ("True", "TunnelsReady")  # the other one is unaffected
     assert "Ready" in c.kubectl("describe", "externalservice", "bad")
-    # Nothing of the bad one reaches the gateway (an IPv6 source there failed its whole
-    # config, and with it every other ExternalService's tunnels).
     gateway = c.api.get_object("", "v1", "configmaps", "external-services", "ext-connector-gateway")
     assert gateway is not None
     sources = yaml.safe_load(gateway["data"]["gw1.yaml"])["sources"]
@@ -475,6 +604,9 @@ def test_pods_without_the_sidecar_are_counted_and_named(cluster: Cluster) -> Non
 
 
 def test_operator_requests_match_its_rbac(cluster: Cluster) -> None:
+    """The server's audit log of the operator's ServiceAccount over a whole life cycle
+    (create, Ready, delete, clean-up): never refused, nothing the chart's Roles do not
+    grant, and everything they grant used (least privilege)."""
     c = cluster
     ready_pods(c)
     c.kubectl("apply", "-f", "-", stdin=SEED)
@@ -486,32 +618,21 @@ def test_operator_requests_match_its_rbac(cluster: Cluster) -> None:
         ),
         "cleanup",
     )
-    used = {
-        (r.api_group, r.resource + (f"/{r.subresource}" if r.subresource else ""), r.verb)
-        for r in c.api.requests
-        if r.resource
-        and (r.user_agent.startswith("kopf") or r.user_agent.startswith("k8s-ext-connector"))
-    }
-    granted = {
-        (rule.group, rule.resource, verb)
-        for rule in rbac.CLUSTER_RULES + rbac.OPERATOR_CONNECTOR_RULES
-        for verb in rule.verbs
-    }
+    calls = realcluster.calls(c.cp, "operator", c.audit_since)
+    refused = [call for call in calls if call.code == 403]
+    assert refused == [], "calls the server refused"
+    used = realcluster.used(calls)
+    granted = realcluster.granted(*rbac.CLUSTER_RULES, *rbac.OPERATOR_CONNECTOR_RULES)
     assert used - granted == set(), "calls the RBAC does not allow"
-    # The connector namespace's Role is a Role: its calls stay in that namespace.
-    in_connector = {
-        (r.api_group, r.resource, r.verb) for rule in rbac.OPERATOR_CONNECTOR_RULES
-        for r in c.api.requests
-        if (r.api_group, r.resource) == (rule.group, rule.resource)
-        and r.user_agent.startswith("k8s-ext-connector")
-        and r.namespace == "external-services"
-    }  # fmt: skip
-    assert in_connector == {("coordination.k8s.io", "leases", v) for v in ("list", "watch")}
-    elsewhere = [r.path for r in c.api.requests if r.resource == "leases"]
-    assert all("/namespaces/external-services/" in path for path in elsewhere), elsewhere
+    # The connector namespace's Role is a Role: its lease calls stay in that namespace.
+    leases = [call for call in calls if call.resource == "leases"]
+    assert {(call.verb, call.namespace) for call in leases} == {
+        ("list", CONNECTOR_NAMESPACE),
+        ("watch", CONNECTOR_NAMESPACE),
+    }
     # Everything granted is used, except paths this scenario does not reach.
     unused = granted - used - {("", "services", "patch"), ("", "configmaps", "delete")}
-    assert unused == set() or unused <= {("", "configmaps", "delete")}, unused
+    assert unused == set(), unused
 
 
 def test_a_source_ip_its_gateway_reports_unserved_shows_in_the_status(cluster: Cluster) -> None:
@@ -560,12 +681,11 @@ def test_a_source_ip_its_gateway_reports_unserved_shows_in_the_status(cluster: C
 def test_two_replicas_one_leader(cluster: Cluster) -> None:
     c = cluster
     assert c.operator is not None
-    c.operator.terminate()
-    c.operator.wait(10)
+    _stop(c.operator)
     first = c.start_operator("--identity", "replica-a", log_name="replica-a.log")
     c.wait(
         lambda: c.api.get_object(
-            "coordination.k8s.io", "v1", "leases", "external-services", "k8s-ext-connector-operator"
+            "coordination.k8s.io", "v1", "leases", RELEASE_NAMESPACE, "k8s-ext-connector-operator"
         ),
         "a Lease",
     )
@@ -575,7 +695,7 @@ def test_two_replicas_one_leader(cluster: Cluster) -> None:
         c.kubectl("apply", "-f", "-", stdin=SEED)
         c.wait(lambda: c.condition("Ready")[0] == "True", "Ready under the leader")
         lease = c.api.get_object(
-            "coordination.k8s.io", "v1", "leases", "external-services", "k8s-ext-connector-operator"
+            "coordination.k8s.io", "v1", "leases", RELEASE_NAMESPACE, "k8s-ext-connector-operator"
         )
         assert lease is not None
         assert lease["spec"]["holderIdentity"] == "replica-a"
@@ -644,28 +764,23 @@ INVALID_NAMES = ("db.prod", "1db", "a" * 64)  # valid object names, invalid Serv
 def test_names_no_service_can_have_are_refused_and_the_seed_still_becomes_ready(
     cluster: Cluster,
 ) -> None:
+    """The CRD's CEL rule refuses them at apply on a real server (the operator's InvalidName
+    for an older CRD: tests/unit); nothing of them exists, the seed becomes Ready."""
     c = cluster
     ready_pods(c)
-    # Applied first (older), with the seed's very spec: they must claim nothing either.
     for name in INVALID_NAMES:
-        c.kubectl(
-            "apply", "-f", "-", stdin=SEED.replace("name: my-externalservice", f"name: '{name}'")
-        )
-
-    def refused(name: str) -> bool:
-        return c.condition("Accepted", name) == ("False", "InvalidName")
-
-    for name in INVALID_NAMES:
-        c.wait(functools.partial(refused, name), f"{name}: Accepted=False InvalidName")
+        applied = c.cp.kubectl(
+            "apply", "-f", "-",
+            input_text=SEED.replace("name: my-externalservice", f"name: '{name}'"),
+            check=False,
+        )  # fmt: skip
+        assert applied.returncode != 0, applied.stdout
+        assert "metadata.name must be a DNS-1035 label" in applied.stderr, applied.stderr
+        assert "it names the connector Service" in applied.stderr, applied.stderr
     c.kubectl("apply", "-f", "-", stdin=SEED)
     c.wait(lambda: c.condition("Ready") == ("True", "TunnelsReady"), "the seed Ready")
     for name in INVALID_NAMES:
-        message = _message(c, "Accepted", name)
-        assert message.startswith(f"metadata.name: '{name}' is not a DNS-1035 label"), message
-        assert c.condition("Ready", name) == ("False", "InvalidName")
-        c.wait(functools.partial(_warned, c, name, "InvalidName"), f"{name}: a Warning Event")
-        # Nothing is written for it.
-        assert c.api.get_object("", "v1", "services", "external-services", name) is None
+        assert c.es(name) == {}
     services = c.api.list_objects("", "v1", "services", "external-services")
     assert [s["metadata"]["name"] for s in services] == ["my-externalservice"]
 
@@ -729,12 +844,7 @@ def test_objects_not_ours_are_never_adopted_and_are_reported(cluster: Cluster) -
         "create", "configmap", "ext-connector-my-service1", "-n", "ns1", "--from-literal=owner=me"
     )
     c.kubectl(
-        "create",
-        "secret",
-        "generic",
-        "ext-connector-my-service2-key",
-        "-n",
-        "ns2",
+        "create", "secret", "generic", "ext-connector-my-service2-key", "-n", "ns2",
         "--from-literal=password=hunter2",
     )
     c.kubectl(
@@ -800,14 +910,8 @@ def test_a_source_ip_that_is_a_node_address_is_refused(cluster: Cluster) -> None
         c.http(
             "PATCH",
             "/api/v1/nodes/gw1/status",
-            {
-                "status": {
-                    "addresses": [
-                        {"type": "InternalIP", "address": address},
-                        {"type": "Hostname", "address": "gw1"},
-                    ]
-                }
-            },
+            {"status": {"addresses": [{"type": "InternalIP", "address": address},
+                                      {"type": "Hostname", "address": "gw1"}]}},
         )
 
     addresses("192.168.122.201")
@@ -847,22 +951,102 @@ def test_a_spec_the_operator_has_not_seen_shows_as_such(cluster: Cluster) -> Non
     assert _row(c) == ["2/2", "2", "1"]
     ready = next(x for x in c.es()["status"]["conditions"] if x["type"] == "Ready")
     assert (ready["status"], ready["observedGeneration"]) == ("True", 1)
-    waited = run_kubectl(
-        c.kubeconfig,
-        ("wait", "--for=condition=Ready", "--timeout=2s", "externalservice/my-externalservice"),
-        None,
-        c.workdir / "kube-cache",
+    waited = c.cp.kubectl(
+        "wait", "--for=condition=Ready", "--timeout=2s", "externalservice/my-externalservice",
+        check=False,
     )
     assert waited.returncode != 0, waited.stdout  # kubectl wait compares observedGeneration
     c.operator = c.start_operator("--no-leader-election")
     c.wait(lambda: _row(c) == ["2/2", "2", "2"], "the new generation observed")
     assert {x["observedGeneration"] for x in c.es()["status"]["conditions"]} == {2}
-    c.kubectl(
-        "wait", "--for=condition=Ready", "--timeout=20s", "externalservice/my-externalservice"
-    )
+    c.kubectl("wait", "--for=condition=Ready", "--timeout=20s",
+              "externalservice/my-externalservice")
 
 
 def operator_stopped(c: Cluster) -> bool:
     assert c.operator is not None
     c.operator.terminate()
     return c.operator.wait(10) is not None
+
+
+# ---- what each component's token may not do (the chart's RBAC, enforced) ---------------------
+
+
+def test_each_components_token_is_refused_what_its_role_does_not_grant(
+    namespaces: ControlPlane,
+) -> None:
+    """The operator never reads a Secret back and the gateway reads its one host key by
+    name: a real 403 for the operator's read and the gateway's list, with the server's
+    reason, and the audit log holds the refusals."""
+    cp = namespaces
+    cp.kubectl("create", "secret", "generic", "some-key", "-n", "ns1", "--from-literal=k=v")
+    try:
+        ns = CONNECTOR_NAMESPACE
+        cases = (
+            ("operator", ("secret", "some-key", "-n", "ns1"), 'secrets "some-key"', "get", "ns1"),
+            ("gateway", ("secrets", "-n", ns), "secrets", "list", ns),
+        )
+        for component, args, what, verb, namespace in cases:
+            since = len(realcluster.calls(cp, component))
+            kubeconfig = realcluster.kubeconfig(cp, component)
+            result = cp.kubectl("get", *args, kubeconfig=kubeconfig, check=False)
+            assert result.returncode != 0, result.stdout
+            assert (
+                f"Error from server (Forbidden): {what}"
+                f' is forbidden: User "{realcluster.user(component)}" cannot {verb} resource'
+                f' "secrets" in API group "" in the namespace "{namespace}"'
+            ) in result.stderr, result.stderr
+            recorded = realcluster.calls(cp, component, since)
+            refused = [(c.verb, c.resource, c.code) for c in recorded]
+            assert refused == [(verb, "secrets", 403)], refused
+    finally:
+        cp.kubectl("delete", "secret", "some-key", "-n", "ns1")
+
+
+# ---- who may make a node a gateway (NodeRestriction, docs/security.md W17) ------------------
+
+
+def test_a_node_cannot_give_itself_the_default_gateway_label(namespaces: ControlPlane) -> None:
+    """A kubelet's identity (system:node:<name> in system:nodes, a client certificate from the
+    cluster's CA) registers its Node and updates it, but the NodeRestriction admission plugin
+    refuses the default gateway label (node-restriction.kubernetes.io/...) on itself, at
+    registration and later. The prototype's label is one a kubelet may set on itself: the
+    reason the default changed. Only an administrator labels a node a gateway."""
+    cp = namespaces
+    node = "self-labelling-node"
+    as_node = cp.node_kubeconfig(node)
+    default = "=".join(GATEWAY_NODE_LABEL)
+    prototype = "=".join(SELF_ASSIGNABLE_GATEWAY_LABEL)
+
+    def register(labels: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        metadata = {"name": node, "labels": labels}
+        manifest = {"apiVersion": "v1", "kind": "Node", "metadata": metadata}
+        return cp.kubectl("create", "-f", "-", kubeconfig=as_node,
+                          input_text=json.dumps(manifest), check=False)  # fmt: skip
+
+    try:
+        refused = register(dict([GATEWAY_NODE_LABEL]))
+        assert refused.returncode != 0
+        assert "Forbidden" in refused.stderr, refused.stderr
+        assert f"is not allowed to set the following labels: {GATEWAY_LABEL}" in refused.stderr
+        assert register({}).returncode == 0  # its own Node, no such label: allowed
+        # It may update its own Node: annotations, and labels outside the restricted prefix.
+        annotated = cp.kubectl(
+            "annotate", "node", node, "example.com/kubelet=was-here", kubeconfig=as_node,
+            check=False,
+        )  # fmt: skip
+        assert annotated.returncode == 0, annotated.stderr
+        allowed = cp.kubectl("label", "node", node, prototype, kubeconfig=as_node, check=False)
+        assert allowed.returncode == 0, allowed.stderr
+        # ... but not the default gateway label.
+        forbidden = cp.kubectl("label", "node", node, default, kubeconfig=as_node, check=False)
+        assert forbidden.returncode != 0
+        assert "Forbidden" in forbidden.stderr, forbidden.stderr
+        assert f"is not allowed to modify labels: {GATEWAY_LABEL}" in forbidden.stderr
+        labels = cp.api("GET", f"/api/v1/nodes/{node}")[1]["metadata"]["labels"]
+        assert GATEWAY_LABEL not in labels
+        assert labels[SELF_ASSIGNABLE_GATEWAY_LABEL[0]] == "true"
+        # The cluster's administrator may.
+        cp.kubectl("label", "node", node, default)
+    finally:
+        cp.kubectl("delete", "node", node, "--ignore-not-found")
