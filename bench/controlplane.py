@@ -73,8 +73,8 @@ import aiohttp
 import yaml
 
 from k8s_ext_connector.core.api import GATEWAY_NODE_LABEL
-from k8s_ext_connector.emulator import ApiServer, RecordedRequest
-from k8s_ext_connector.emulator.store import WatchEvent
+from k8s_ext_connector_testbed.emulator import ApiServer, RecordedRequest
+from k8s_ext_connector_testbed.emulator.store import WatchEvent
 
 SCRIPT = Path(__file__).resolve()
 ROOT = SCRIPT.parents[1]

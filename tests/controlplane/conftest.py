@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from k8s_ext_connector.emulator import ApiServer
+from k8s_ext_connector_testbed.emulator import ApiServer
 
 T = TypeVar("T")
 Obj = dict[str, Any]

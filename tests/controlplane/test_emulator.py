@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
-from k8s_ext_connector.emulator import ApiError, ApiServer
-from k8s_ext_connector.emulator.tables import human_duration, jsonpath
+from k8s_ext_connector_testbed.emulator import ApiError, ApiServer
+from k8s_ext_connector_testbed.emulator.tables import human_duration, jsonpath
 from tests.controlplane.conftest import (
     CMS,
     CRDS,

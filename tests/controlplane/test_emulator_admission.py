@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 
 from k8s_ext_connector.certs.tls import Issued, issue_serving_cert, write_pair
-from k8s_ext_connector.emulator import ApiServer, admission
+from k8s_ext_connector_testbed.emulator import ApiServer, admission
 from tests.webhook.harness import LoopThread, loop_thread, new_ca
 
 Obj = dict[str, Any]

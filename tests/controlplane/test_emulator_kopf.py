@@ -16,7 +16,7 @@ from typing import Any
 import kopf
 import pytest
 
-from k8s_ext_connector.emulator import ApiServer
+from k8s_ext_connector_testbed.emulator import ApiServer
 from tests.controlplane.conftest import CRDS, MERGE, WIDGET_CRD, WIDGETS, Http, widget
 from tests.polling import wait_for
 

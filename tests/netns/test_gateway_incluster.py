@@ -34,10 +34,10 @@ from k8s_ext_connector.core.gateway_status import (
     gateway_lease_name,
     host_key_secret_name,
 )
-from k8s_ext_connector.emulator import ApiServer
 from k8s_ext_connector.lab import netns
 from k8s_ext_connector.lab.topology import Process
 from k8s_ext_connector.operator import rbac
+from k8s_ext_connector_testbed.emulator import ApiServer
 from tests.polling import wait_for
 
 pytestmark = pytest.mark.root

@@ -22,8 +22,8 @@ from k8s_ext_connector.core.kube import (
     KubeClient,
     Resource,
 )
-from k8s_ext_connector.emulator import ApiServer
 from k8s_ext_connector.webhook.cache import SourceCache, WatchSettings, follow
+from k8s_ext_connector_testbed.emulator import ApiServer
 from tests.unit.samples import seed_spec
 
 Obj = dict[str, Any]

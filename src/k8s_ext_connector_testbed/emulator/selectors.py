@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from k8s_ext_connector.emulator.errors import ApiError
+from k8s_ext_connector_testbed.emulator.errors import ApiError
 
 Match = Callable[[dict[str, Any]], bool]
 _LABEL = re.compile(

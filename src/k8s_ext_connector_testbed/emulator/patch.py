@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from k8s_ext_connector.emulator.errors import ApiError
+from k8s_ext_connector_testbed.emulator.errors import ApiError
 
 MERGE, JSON, STRATEGIC = (
     "application/merge-patch+json",

@@ -44,8 +44,8 @@ from typing import Any
 import aiohttp
 import jsonpatch
 
-from k8s_ext_connector.emulator.errors import ApiError
-from k8s_ext_connector.emulator.server import AdmissionHook, ApiServer
+from k8s_ext_connector_testbed.emulator.errors import ApiError
+from k8s_ext_connector_testbed.emulator.server import AdmissionHook, ApiServer
 
 Obj = dict[str, Any]
 POD_KIND = {"group": "", "version": "v1", "kind": "Pod"}

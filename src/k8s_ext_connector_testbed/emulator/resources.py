@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from k8s_ext_connector.emulator.errors import ApiError
+from k8s_ext_connector_testbed.emulator.errors import ApiError
 
 Obj = dict[str, Any]
 VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]

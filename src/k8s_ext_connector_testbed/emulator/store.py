@@ -24,15 +24,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from k8s_ext_connector.emulator.errors import ApiError
-from k8s_ext_connector.emulator.resources import (
+from k8s_ext_connector_testbed.emulator.errors import ApiError
+from k8s_ext_connector_testbed.emulator.resources import (
     CRD_GROUP,
     CRD_PLURAL,
     Registry,
     ResourceType,
     crd_types,
 )
-from k8s_ext_connector.emulator.tables import TIME_FORMAT
+from k8s_ext_connector_testbed.emulator.tables import TIME_FORMAT
 
 Obj = dict[str, Any]
 Key = tuple[str, str]  # namespace ("" when cluster-scoped), name

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from k8s_ext_connector.emulator.errors import ApiError
+from k8s_ext_connector_testbed.emulator.errors import ApiError
 
 MAGIC = b"k8s\x00"
 

@@ -16,10 +16,15 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from k8s_ext_connector.emulator import patch, protobuf, selectors, tables
-from k8s_ext_connector.emulator.errors import ApiError
-from k8s_ext_connector.emulator.resources import CRD_GROUP, CRD_PLURAL, Registry, ResourceType
-from k8s_ext_connector.emulator.store import Store, WatchEvent
+from k8s_ext_connector_testbed.emulator import patch, protobuf, selectors, tables
+from k8s_ext_connector_testbed.emulator.errors import ApiError
+from k8s_ext_connector_testbed.emulator.resources import (
+    CRD_GROUP,
+    CRD_PLURAL,
+    Registry,
+    ResourceType,
+)
+from k8s_ext_connector_testbed.emulator.store import Store, WatchEvent
 
 Obj = dict[str, Any]
 AdmissionHook = Callable[[Obj], "Obj | Awaitable[Obj | None] | None"]

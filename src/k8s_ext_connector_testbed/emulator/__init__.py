@@ -42,7 +42,7 @@ Deliberately NOT emulated:
 - kubectl Table columns for built-ins are NAME and AGE only.
 """
 
-from k8s_ext_connector.emulator.errors import ApiError
-from k8s_ext_connector.emulator.server import AdmissionHook, ApiServer, RecordedRequest
+from k8s_ext_connector_testbed.emulator.errors import ApiError
+from k8s_ext_connector_testbed.emulator.server import AdmissionHook, ApiServer, RecordedRequest
 
 __all__ = ["AdmissionHook", "ApiError", "ApiServer", "RecordedRequest"]

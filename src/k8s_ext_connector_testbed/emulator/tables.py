@@ -12,7 +12,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from k8s_ext_connector.emulator.resources import ResourceType
+from k8s_ext_connector_testbed.emulator.resources import ResourceType
 
 Obj = dict[str, Any]
 _TOKEN = re.compile(
