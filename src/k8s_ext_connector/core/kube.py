@@ -19,10 +19,11 @@ import atexit
 import base64
 import contextlib
 import json
+import logging
 import os
 import ssl
 import tempfile
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,18 @@ def _materialise(section: dict[str, Any], key: str) -> str | None:
     handle.write(base64.b64decode(data))
     handle.close()
     return handle.name
+
+
+async def reconnected(connect: Callable[[], KubeClient], old: KubeClient) -> KubeClient:
+    """A client with the credentials read again (the kubelet rotates a projected token in
+    its file), the old one closed; on a ConfigError the old one is kept and it is said."""
+    try:
+        client = connect()
+    except ConfigError as error:
+        logging.getLogger(__name__).warning("credentials not reloaded: %s", error)
+        return old
+    await old.close()
+    return client
 
 
 class KubeClient:

@@ -31,7 +31,7 @@ from typing import Any
 import asyncssh
 
 from k8s_ext_connector.core.errors import ConfigError, TransientError
-from k8s_ext_connector.core.kube import SECRETS, ApiError, KubeClient, NotFound
+from k8s_ext_connector.core.kube import SECRETS, ApiError, KubeClient, NotFound, reconnected
 
 log = logging.getLogger(__name__)
 DATA_KEY = "ssh-privatekey"  # what the operator writes (operator/reconciler._write_secret)
@@ -149,10 +149,4 @@ class HostKeySecret:
 
     async def _reconnect(self) -> None:
         """Read the credentials again: the kubelet rotates a projected token in its file."""
-        try:
-            client = self._connect()
-        except ConfigError as error:
-            log.warning("credentials not reloaded: %s", error)
-            return
-        old, self._client = self._client, client
-        await old.close()
+        self._client = await reconnected(self._connect, self._client)

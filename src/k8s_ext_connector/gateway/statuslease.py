@@ -27,14 +27,21 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from k8s_ext_connector.core.errors import ConfigError, TransientError
+from k8s_ext_connector.core.errors import TransientError
 from k8s_ext_connector.core.gateway_status import (
     RENEW_SECONDS,
     gateway_lease_name,
     lease_body,
     released_body,
 )
-from k8s_ext_connector.core.kube import LEASES, ApiError, Conflict, KubeClient, NotFound
+from k8s_ext_connector.core.kube import (
+    LEASES,
+    ApiError,
+    Conflict,
+    KubeClient,
+    NotFound,
+    reconnected,
+)
 
 log = logging.getLogger(__name__)
 BACKOFF_START = 0.5
@@ -161,10 +168,4 @@ class StatusLease:
         await self._client.close()
 
     async def _reconnect(self) -> None:
-        try:
-            client = self._connect()
-        except ConfigError as error:
-            log.warning("credentials not reloaded: %s", error)
-            return
-        old, self._client = self._client, client
-        await old.close()
+        self._client = await reconnected(self._connect, self._client)
