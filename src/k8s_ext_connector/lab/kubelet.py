@@ -840,6 +840,17 @@ class Kubelet:
         with self._lock:
             return self.pods.get((namespace, name))
 
+    def containers(self) -> list[tuple[str, Container]]:
+        """The gateway's and every pod's sidecar container, for diagnostics."""
+        with self._lock:
+            listed = [("gateway", self.gateway)]
+            listed += [
+                (f"{r.key} {SIDECAR_CONTAINER}", r.sidecar)
+                for r in self.pods.values()
+                if r.sidecar_spec is not None
+            ]
+            return listed
+
     def processes(self) -> list[dict[str, object]]:
         with self._lock:
             listed: list[tuple[str, Container, str]] = [("gateway", self.gateway, self.lab.gw_ns)]

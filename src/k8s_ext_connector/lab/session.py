@@ -157,6 +157,11 @@ def table(checks: list[Check]) -> str:
     )
 
 
+# Until READY n/n: seconds on a warm machine; a fresh machine's first run (binaries just
+# built, caches cold) was seen to need more than 30 s once.
+READY_TIMEOUT = 90.0
+
+
 class LabSession:
     """Build with ``LabSession.open``; always ``close()``."""
 
@@ -259,7 +264,7 @@ class LabSession:
         self.say(f"user: $ {show or ' '.join(argv)}")
         return self.cluster.kubectl(*argv[1:], stdin=stdin)
 
-    def walkthrough(self, manifest: str, timeout: float = 30) -> Ref:
+    def walkthrough(self, manifest: str, timeout: float = READY_TIMEOUT) -> Ref:
         ref = self.apply(manifest)
         self.create_pods(source_services(manifest))
         self.wait_ready(ref, timeout)
@@ -337,7 +342,7 @@ class LabSession:
             )
             self.say(f"REAL API server: pod {pod.namespace}/{pod.name} stored {how}")
 
-    def wait_ready(self, ref: Ref, timeout: float = 30) -> Obj:
+    def wait_ready(self, ref: Ref, timeout: float = READY_TIMEOUT) -> Obj:
         plane = self.cluster
         self.say(f"waiting for ExternalService {ref[0]}/{ref[1]} READY n/n (operator status)")
 
@@ -369,6 +374,11 @@ class LabSession:
         if self.kubelet is not None and self.kubelet.errors:
             lines.append("--- kubelet errors ---")
             lines += self.kubelet.errors[-5:]
+        if self.kubelet is not None:
+            for name, container in self.kubelet.containers():
+                if container.process is not None:
+                    lines.append(f"--- {name} log (tail) ---")
+                    lines.append(container.process.output()[-1200:])
         return "\n".join(lines)
 
     # ---- checks -----------------------------------------------------------------------------
